@@ -1,0 +1,40 @@
+# Interactive segmentation that learns from corrections. `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+STAMP := $(VENV)/.installed
+CKPT ?= runs/train_init/checkpoints/last.ckpt
+BENCH_OUT ?= runs/benchmark
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help venv demo train-init benchmark test test-fast clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP) ## create .venv and install the project (+ dev tools) when missing
+
+demo: $(STAMP) ## train the initial model on the embedded source domain, then benchmark source vs targets
+	$(MAKE) --no-print-directory train-init
+	$(MAKE) --no-print-directory benchmark
+
+train-init: $(STAMP) ## train (or resume) the initial model -> runs/train_init/checkpoints/last.ckpt
+	$(PY) -m lightning_app fit --config configs/train_init.yaml --ckpt_path last $(ARGS)
+
+benchmark: $(STAMP) ## NoC / mIoU@k benchmark of CKPT -> runs/benchmark/{results.json,per_object_iou.csv,miou_vs_clicks.png}
+	$(PY) -m lightning_app benchmark --config configs/benchmark.yaml --ckpt $(CKPT) --out_dir $(BENCH_OUT) $(ARGS)
+
+test: $(STAMP) ## run the test suite (CPU, a few minutes)
+	WANDB_MODE=disabled $(PY) -m pytest -q tests $(ARGS)
+
+clean: ## remove runs/ and caches (keeps .venv)
+	rm -rf runs wandb .pytest_cache

@@ -1,0 +1,1 @@
+"""Lightning callbacks: benchmark recording (and, later, test-time adaptation)."""

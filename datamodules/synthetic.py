@@ -1,0 +1,294 @@
+"""Procedural multi-domain images with instance masks, deterministic by seed.
+
+No dataset can be downloaded here, so the default data is drawn. Each domain renders one
+scene per ``(seed, index)``; the scene's instance map gives every object's mask. Domains:
+
+- ``source``: photo-like cluttered scenes, varied shapes, colours and textures (training);
+- ``fundus``: retinal-fundus-like, one optic-disc-like object with a soft boundary on a
+  reddish textured background crossed by vessels (modelled on DRIONS-DB);
+- ``rooftop``: aerial, polygonal gable roofs with a ridge, shadows, textured ground and
+  trees (modelled on the Rooftop dataset);
+- ``cells``: microscopy-like stained nuclei, the tuning domain, used only to choose
+  hyperparameters.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from datamodules.objects import Sample
+from modules.errors import UserError
+
+
+@dataclass
+class Scene:
+    image: np.ndarray  # H, W, 3 uint8 RGB
+    instances: np.ndarray  # H, W int32; 0 background, k > 0 object k
+
+
+def _noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Smooth noise in [0, 1]: a random ``cells x cells`` grid upsampled bicubically."""
+    grid = rng.random((cells + 1, cells + 1)).astype(np.float32)
+    out = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
+    lo, hi = out.min(), out.max()
+    return (out - lo) / (hi - lo + 1e-6)
+
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    hsv = np.array([[[rng.integers(0, 180), rng.integers(60, 256), rng.integers(60, 256)]]], np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
+
+
+def _finish(img: np.ndarray, rng: np.random.Generator, blur: float, noise: float) -> np.ndarray:
+    if blur > 0:
+        img = cv2.GaussianBlur(img, (0, 0), blur)
+    img = img + rng.normal(0, noise, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _random_polygon(rng: np.random.Generator, cy: float, cx: float, r: float, n: int, spikiness: float) -> np.ndarray:
+    angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+    radii = r * (1 - spikiness * rng.random(n))
+    pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
+    return np.round(pts).astype(np.int32)
+
+
+def _shape_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    m = np.zeros((h, w), np.uint8)
+    side = min(h, w)
+    r = rng.uniform(0.1, 0.28) * side
+    cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
+    kind = rng.integers(0, 4)
+    if kind == 0:  # ellipse
+        axes = (int(r), int(r * rng.uniform(0.4, 1.0)))
+        cv2.ellipse(m, (int(cx), int(cy)), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    elif kind == 1:  # polygon, convex-ish or star-like
+        cv2.fillPoly(m, [_random_polygon(rng, cy, cx, r, int(rng.integers(3, 9)), rng.uniform(0, 0.6))], 1)
+    elif kind == 2:  # rotated rectangle
+        box = cv2.boxPoints(((cx, cy), (2 * r, 2 * r * rng.uniform(0.3, 1.0)), rng.uniform(0, 180)))
+        cv2.fillPoly(m, [np.round(box).astype(np.int32)], 1)
+    else:  # blob: thresholded smooth noise inside a disk
+        blob = _noise(rng, h, w, 6)
+        disk = np.zeros((h, w), np.uint8)
+        cv2.circle(disk, (int(cx), int(cy)), int(r * 1.2), 1, -1)
+        m = ((blob > 0.45) & (disk > 0)).astype(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(m)
+        if n > 1:
+            m = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    return m.astype(bool)
+
+
+def _texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray) -> np.ndarray:
+    kind = rng.integers(0, 4)
+    t = np.ones((h, w, 1), np.float32)
+    if kind == 1:  # stripes
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        a = rng.uniform(0, np.pi)
+        period = rng.uniform(4, 14)
+        t = (0.8 + 0.25 * np.sin((np.cos(a) * xx + np.sin(a) * yy) * 2 * np.pi / period))[..., None]
+    elif kind == 2:  # shading gradient
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        a = rng.uniform(0, 2 * np.pi)
+        g = np.cos(a) * xx / w + np.sin(a) * yy / h
+        t = (0.65 + 0.5 * (g - g.min()) / (np.ptp(g) + 1e-6))[..., None]
+    elif kind == 3:  # mottled
+        t = (0.7 + 0.5 * _noise(rng, h, w, int(rng.integers(4, 12))))[..., None]
+    img = base[None, None, :] * t
+    if rng.random() < 0.3:  # a second colour patch inside the object
+        patch = _noise(rng, h, w, 3) > 0.6
+        img[patch] = 0.5 * img[patch] + 0.5 * _colour(rng)
+    return img
+
+
+def render_source(rng: np.random.Generator, size: int) -> Scene:
+    h = w = size
+    c1, c2 = _colour(rng) * 0.8, _colour(rng) * 0.8
+    blend = _noise(rng, h, w, int(rng.integers(2, 6)))[..., None]
+    img = c1 * blend + c2 * (1 - blend)
+    img *= (0.8 + 0.4 * _noise(rng, h, w, 16))[..., None]
+    instances = np.zeros((h, w), np.int32)
+    for k in range(1, int(rng.integers(2, 6)) + 1):
+        m = _shape_mask(rng, h, w)
+        if m.sum() < 30:
+            continue
+        if rng.random() < 0.4:  # soft drop shadow
+            shift = np.roll(np.roll(m, int(rng.integers(2, 6)), 0), int(rng.integers(2, 6)), 1) & ~m
+            img[shift] *= 0.6
+        img[m] = _texture(rng, h, w, _colour(rng))[m]
+        instances[m] = k
+    return Scene(_finish(img, rng, blur=rng.uniform(0.3, 1.0), noise=rng.uniform(2, 8)), instances)
+
+
+def _vessels(rng: np.random.Generator, img: np.ndarray, start: tuple[float, float], size: int, n: int) -> None:
+    for _ in range(n):
+        y, x = start
+        angle = rng.uniform(0, 2 * np.pi)
+        width = float(rng.uniform(1.5, 3.5))
+        pts = [(x, y)]
+        for _ in range(int(rng.integers(15, 30))):
+            angle += rng.normal(0, 0.25)
+            step = size / 40
+            x, y = x + step * np.cos(angle), y + step * np.sin(angle)
+            pts.append((x, y))
+        shade = rng.uniform(0.45, 0.7)
+        poly = np.round(np.array(pts)).astype(np.int32)
+        layer = np.zeros(img.shape[:2], np.uint8)
+        cv2.polylines(layer, [poly], False, 1, max(1, int(round(width))))
+        img[layer > 0] *= np.array([shade, shade * 0.8, shade * 0.8], np.float32)
+
+
+def render_fundus(rng: np.random.Generator, size: int) -> Scene:
+    h = w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    r_fov = size * rng.uniform(0.46, 0.52)
+    rr = np.hypot(yy - h / 2, xx - w / 2) / r_fov
+    base = np.array([rng.uniform(170, 220), rng.uniform(55, 95), rng.uniform(15, 40)], np.float32)
+    tex = 0.75 + 0.35 * _noise(rng, h, w, int(rng.integers(6, 14)))
+    img = base[None, None] * tex[..., None] * np.clip(1.15 - 0.55 * rr**2, 0, 1)[..., None]
+    # optic disc: bright, soft-edged ellipse with a brighter cup
+    r = size * rng.uniform(0.08, 0.13)
+    side = rng.choice([-1, 1])
+    cy, cx = h / 2 + rng.uniform(-0.12, 0.12) * h, w / 2 + side * rng.uniform(0.12, 0.25) * w
+    axes = (int(r * rng.uniform(0.85, 1.0)), int(r))
+    disc = np.zeros((h, w), np.uint8)
+    cv2.ellipse(disc, (int(cx), int(cy)), axes, float(rng.uniform(-20, 20)), 0, 360, 1, -1)
+    soft = cv2.GaussianBlur(disc.astype(np.float32), (0, 0), r * rng.uniform(0.2, 0.35))
+    disc_col = np.array([rng.uniform(225, 255), rng.uniform(170, 220), rng.uniform(100, 150)], np.float32)
+    img = img * (1 - soft[..., None]) + disc_col * soft[..., None]
+    cup = np.zeros((h, w), np.float32)
+    cv2.ellipse(cup, (int(cx), int(cy)), (max(1, axes[0] // 2), max(1, axes[1] // 2)), 0, 0, 360, 1.0, -1)
+    cup = cv2.GaussianBlur(cup, (0, 0), r * 0.2)
+    img = img * (1 - 0.5 * cup[..., None]) + 255 * 0.5 * cup[..., None]
+    _vessels(rng, img, (cy, cx), size, int(rng.integers(4, 8)))
+    macula = np.exp(-(((yy - cy) ** 2 + (xx - (cx - side * 0.3 * w)) ** 2) / (2 * (0.08 * size) ** 2)))
+    img *= (1 - 0.35 * macula)[..., None]
+    img[rr > 1] = 0
+    return Scene(_finish(img, rng, blur=rng.uniform(0.5, 1.2), noise=rng.uniform(2, 5)), disc.astype(np.int32))
+
+
+def _roof_polygon(rng: np.random.Generator, cy: float, cx: float, length: float, width: float, angle: float) -> np.ndarray:
+    return cv2.boxPoints(((cx, cy), (length, width), angle))
+
+
+def render_rooftop(rng: np.random.Generator, size: int) -> Scene:
+    h = w = size
+    g1 = np.array([rng.uniform(70, 110), rng.uniform(90, 130), rng.uniform(50, 80)], np.float32)
+    g2 = np.array([rng.uniform(120, 160), rng.uniform(110, 140), rng.uniform(80, 110)], np.float32)
+    blend = _noise(rng, h, w, int(rng.integers(3, 8)))[..., None]
+    img = g1 * blend + g2 * (1 - blend)
+    img *= (0.85 + 0.3 * _noise(rng, h, w, 32))[..., None]
+    if rng.random() < 0.6:  # a road
+        road = np.zeros((h, w), np.uint8)
+        y0, y1 = rng.uniform(0, h, 2)
+        cv2.line(road, (0, int(y0)), (w, int(y1)), 1, int(rng.integers(6, 14)))
+        img[road > 0] = rng.uniform(90, 130)
+    instances = np.zeros((h, w), np.int32)
+    sun = rng.uniform(0, 2 * np.pi)
+    for k in range(1, int(rng.integers(1, 5)) + 1):
+        length, width = size * rng.uniform(0.18, 0.4), size * rng.uniform(0.12, 0.22)
+        cy, cx, angle = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0, 180)
+        box = _roof_polygon(rng, cy, cx, length, width, angle)
+        roof = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(roof, [np.round(box).astype(np.int32)], 1)
+        if rng.random() < 0.4:  # L-shaped building: a wing at one end
+            a = np.deg2rad(angle)
+            wy, wx = cy + 0.35 * length * np.sin(a), cx + 0.35 * length * np.cos(a)
+            wing = _roof_polygon(rng, wy + 0.3 * length * np.cos(a), wx - 0.3 * length * np.sin(a), width, length * 0.6, angle)
+            cv2.fillPoly(roof, [np.round(wing).astype(np.int32)], 1)
+        roof_b = roof.astype(bool) & (instances == 0)
+        if roof_b.sum() < 40:
+            continue
+        d = size * 0.05
+        shadow = np.roll(np.roll(roof_b, int(d * np.sin(sun)), 0), int(d * np.cos(sun)), 1) & ~roof_b
+        img[shadow & (instances == 0)] *= 0.45
+        colour = [np.array([150, 150, 155]), np.array([160, 80, 60]), np.array([110, 85, 70]), np.array([60, 60, 65])][
+            int(rng.integers(0, 4))
+        ].astype(np.float32) * rng.uniform(0.8, 1.2)
+        # gable: the two halves either side of the ridge are lit differently
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        a = np.deg2rad(angle)
+        across = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
+        lit = np.where(across > 0, rng.uniform(1.05, 1.3), rng.uniform(0.6, 0.85)).astype(np.float32)
+        tiles = 0.92 + 0.08 * np.sin(across * 2 * np.pi / rng.uniform(2.5, 4.0))
+        shaded = colour[None, None] * (lit * tiles)[..., None]
+        img[roof_b] = shaded[roof_b]
+        instances[roof_b] = k
+    for _ in range(int(rng.integers(2, 8))):  # trees
+        ty, tx = rng.uniform(0, h), rng.uniform(0, w)
+        tree = np.zeros((h, w), np.uint8)
+        cv2.circle(tree, (int(tx), int(ty)), int(rng.integers(3, 8)), 1, -1)
+        tree_b = tree.astype(bool) & (instances == 0)
+        img[tree_b] = np.array([40, 70, 35], np.float32) * rng.uniform(0.7, 1.2)
+    return Scene(_finish(img, rng, blur=rng.uniform(0.4, 0.9), noise=rng.uniform(3, 7)), instances)
+
+
+def render_cells(rng: np.random.Generator, size: int) -> Scene:
+    h = w = size
+    bg = np.array([rng.uniform(220, 245), rng.uniform(180, 215), rng.uniform(210, 235)], np.float32)
+    img = bg[None, None] * (0.9 + 0.15 * _noise(rng, h, w, 10))[..., None]
+    instances = np.zeros((h, w), np.int32)
+    for k in range(1, int(rng.integers(3, 9)) + 1):
+        m = np.zeros((h, w), np.uint8)
+        r = size * rng.uniform(0.05, 0.12)
+        c = (int(rng.uniform(0.1, 0.9) * w), int(rng.uniform(0.1, 0.9) * h))
+        cv2.ellipse(m, c, (int(r), int(r * rng.uniform(0.6, 1.0))), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        m_b = m.astype(bool) & (instances == 0)
+        if m_b.sum() < 20:
+            continue
+        stain = np.array([rng.uniform(70, 130), rng.uniform(40, 80), rng.uniform(120, 170)], np.float32)
+        img[m_b] = (stain[None, None] * (0.7 + 0.5 * _noise(rng, h, w, 12))[..., None])[m_b]
+        instances[m_b] = k
+    return Scene(_finish(img, rng, blur=rng.uniform(0.6, 1.2), noise=rng.uniform(3, 6)), instances)
+
+
+DOMAINS: dict[str, Callable[[np.random.Generator, int], Scene]] = {
+    "source": render_source,
+    "fundus": render_fundus,
+    "rooftop": render_rooftop,
+    "cells": render_cells,
+}
+
+
+def render(domain: str, seed: int, index: int, size: int = 128) -> Scene:
+    """Render scene ``index`` of ``domain``; the same arguments always give the same scene."""
+    if domain not in DOMAINS:
+        raise KeyError(domain)
+    rng = np.random.default_rng([seed, index, zlib.crc32(domain.encode())])
+    return DOMAINS[domain](rng, size)
+
+
+class SyntheticObjects:
+    """One object per scene of a procedural domain, ``length`` scenes, deterministic.
+
+    Scenes are drawn lazily in ``get_sample``; the object is chosen by seed among those of at
+    least ``min_area`` pixels (scenes without one are redrawn under a shifted index).
+    """
+
+    def __init__(self, domain: str, length: int, seed: int, size: int = 128, min_area: int = 64):
+        if domain not in DOMAINS:
+            raise UserError(f"unknown domain '{domain}': expected one of {sorted(DOMAINS)}")
+        if length < 1:
+            raise UserError(f"length={length} for domain '{domain}': expected at least 1")
+        self.domain, self.length, self.seed, self.size, self.min_area = domain, length, seed, size, min_area
+        self.name = domain
+
+    def __len__(self) -> int:
+        return self.length
+
+    def get_sample(self, index: int) -> Sample:
+        for attempt in range(100):
+            scene = render(self.domain, self.seed, index + attempt * 10_000_019, self.size)
+            ids, areas = np.unique(scene.instances[scene.instances > 0], return_counts=True)
+            ids = ids[areas >= self.min_area]
+            if len(ids):
+                break
+        else:
+            raise RuntimeError(f"domain '{self.domain}' drew no object of {self.min_area} px in 100 scenes")
+        pick = np.random.default_rng([self.seed, index]).choice(ids)
+        mask = scene.instances == pick
+        others = np.where(mask, 0, scene.instances)
+        return Sample(scene.image, mask, np.zeros_like(mask), others, f"{self.domain}/{self.seed}/{index}")

@@ -1,0 +1,1 @@
+"""Entry points: ``python -m lightning_app {fit,validate,test,benchmark} ...``."""

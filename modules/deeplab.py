@@ -1,0 +1,109 @@
+"""DeepLabV3+ on any timm backbone (paper A, sec. 3.1 and 4.6).
+
+The decoder is built from the backbone's ``feature_info``; no channel count is hard-coded.
+``encode`` and ``decode`` are separate so that test-time adaptation can cache encoder
+features and adapt the decoder alone.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.errors import UserError
+
+
+def _conv_bn_relu(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Sequential:
+    pad = dilation * (k // 2)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 and an image-pool branch."""
+
+    def __init__(self, cin: int, cout: int, rates: Sequence[int]):
+        super().__init__()
+        self.branches = nn.ModuleList([_conv_bn_relu(cin, cout, 1)] + [_conv_bn_relu(cin, cout, 3, r) for r in rates])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _conv_bn_relu(cin, cout, 1))
+        self.project = nn.Sequential(_conv_bn_relu(cout * (len(rates) + 2), cout, 1), nn.Dropout(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ (Chen et al. 2018): ASPP on the deepest feature, decoder at stride 4.
+
+    Args:
+        backbone: any timm model name that supports ``features_only``.
+        in_chans: input channels (RGB + positive/negative click maps = 5).
+        output_stride: 8 or 16, the encoder's deepest stride (dilated convolutions beyond).
+        aspp_rates: dilation rates of ASPP's three 3x3 branches.
+        pretrained: load timm's ImageNet weights (needs network access); the first conv is
+            adapted to ``in_chans`` by timm.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet10t",
+        in_chans: int = 5,
+        output_stride: int = 16,
+        aspp_rates: Sequence[int] = (6, 12, 18),
+        aspp_channels: int = 128,
+        low_level_channels: int = 48,
+        decoder_channels: int = 128,
+        pretrained: bool = False,
+    ):
+        super().__init__()
+        if output_stride not in (8, 16):
+            raise UserError(f"output_stride={output_stride}: expected 8 or 16")
+        if not timm.is_model(backbone):
+            raise UserError(f"unknown backbone '{backbone}': not a timm model name (see timm.list_models())")
+        probe = timm.create_model(backbone, features_only=True, pretrained=False)
+        reductions = probe.feature_info.reduction()
+        del probe
+        if 4 not in reductions:
+            raise UserError(f"backbone '{backbone}' has no stride-4 feature (strides {reductions})")
+        low_idx = reductions.index(4)
+        deep_idx = len(reductions) - 1
+        self.encoder = timm.create_model(
+            backbone,
+            features_only=True,
+            in_chans=in_chans,
+            output_stride=output_stride,
+            out_indices=(low_idx, deep_idx),
+            pretrained=pretrained,
+        )
+        low_ch, deep_ch = self.encoder.feature_info.channels()
+        self.aspp = ASPP(deep_ch, aspp_channels, aspp_rates)
+        self.low_proj = _conv_bn_relu(low_ch, low_level_channels, 1)
+        self.decoder = nn.Sequential(
+            _conv_bn_relu(aspp_channels + low_level_channels, decoder_channels),
+            _conv_bn_relu(decoder_channels, decoder_channels),
+        )
+        self.head = nn.Conv2d(decoder_channels, 1, 1)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.encoder(x)
+
+    def decode_features(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Decoder features at stride 4 (the pixel embedding used by prototype methods)."""
+        low, deep = feats
+        context = F.interpolate(self.aspp(deep), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.decoder(torch.cat([context, self.low_proj(low)], dim=1))
+
+    def decode(self, feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        logits = self.head(self.decode_features(feats))
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Foreground logits ``(B, 1, H, W)`` at the input resolution."""
+        return self.decode(self.encode(x), x.shape[-2:])

@@ -1,0 +1,175 @@
+"""The initial interactive-segmentation model as a LightningModule (paper A, sec. 3.1, 3.3).
+
+It only wires the pure pieces together: the network (``modules.deeplab``), click encoding
+(``modules.clicks``), user simulation (``modules.simulate``), the loss (``modules.losses``)
+and the click-by-click evaluation (``modules.evaluation``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import BinaryJaccardIndex
+
+from modules.clicks import Click, clicks_to_tensor, encode_clicks, scale_clicks
+from modules.deeplab import DeepLabV3Plus
+from modules.evaluation import ObjectResult, evaluate_object
+from modules.losses import masked_bce
+from modules.simulate import next_click
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = -1
+
+
+def network_size(hw: tuple[int, int], max_side: int, multiple: int = 32) -> tuple[int, int]:
+    """The network resolution for an image: long side at most ``max_side``, both sides
+    rounded to ``multiple`` so every encoder stride divides them."""
+    scale = min(1.0, max_side / max(hw))
+    return tuple(max(multiple, int(round(s * scale / multiple)) * multiple) for s in hw)  # type: ignore[return-value]
+
+
+def poly_lr_factor(step: int, total: int, power: float) -> float:
+    """Polynomial decay ``(1 - step / total) ** power`` (DeepLab's schedule)."""
+    return max(0.0, 1.0 - step / max(1, total)) ** power
+
+
+class InteractiveSegmentationModule(pl.LightningModule):
+    """DeepLabV3+ on RGB + click maps, trained with pixel-wise BCE on simulated clicks.
+
+    Args:
+        backbone: timm model name of the encoder.
+        output_stride: encoder output stride, 8 or 16.
+        aspp_rates: ASPP dilation rates (paper: 12, 24, 36 at stride 8).
+        aspp_channels: ASPP width.
+        decoder_channels: decoder width.
+        pretrained: start the encoder from timm's ImageNet weights (needs network).
+        click_radius: click disk radius (or Gaussian sigma) in pixels at network resolution.
+        click_encoding: ``disk`` (paper A) or ``gaussian``.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        poly_power: power of the polynomial learning-rate decay over ``max_steps``.
+        max_iterative_clicks: stage (b) adds 0..this many simulated clicks per batch.
+        iterative_start: fraction of training after which stage (b) begins.
+        eval_max_side: long side of the network input at evaluation (images are resized to
+            it and predictions resized back to the original resolution).
+        eval_max_clicks: clicks per object in the benchmark (the protocol's 20).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet10t",
+        output_stride: int = 16,
+        aspp_rates: list[int] = [6, 12, 18],  # noqa: B006
+        aspp_channels: int = 128,
+        decoder_channels: int = 128,
+        pretrained: bool = False,
+        click_radius: float = 3.0,
+        click_encoding: Literal["disk", "gaussian"] = "disk",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        poly_power: float = 0.9,
+        max_iterative_clicks: int = 3,
+        iterative_start: float = 0.3,
+        eval_max_side: int = 512,
+        eval_max_clicks: int = 20,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = DeepLabV3Plus(
+            backbone, 5, output_stride, aspp_rates, aspp_channels, decoder_channels=decoder_channels, pretrained=pretrained
+        )
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.train_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
+        self.val_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
+
+    # -- the network on image + clicks ------------------------------------------------------
+    def network_input(self, image: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
+        """5-channel input: normalised RGB (``image`` in [0, 1]) and the two click maps;
+        ``clicks`` are in the coordinates of ``image``."""
+        maps = encode_clicks(clicks.to(image), image.shape[-2:], self.hparams.click_radius, self.hparams.click_encoding)
+        return torch.cat([(image - self.mean) / self.std, maps], dim=1)
+
+    def forward(self, image: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
+        """Foreground logits ``(B, 1, H, W)``."""
+        return self.net(self.network_input(image, clicks))
+
+    # -- training (sec. 3.1, 3.3) -------------------------------------------------------------
+    def _add_iterative_clicks(self, batch: dict) -> torch.Tensor:
+        """Stage (b): predict, add the simulated next click, repeat 0..max times."""
+        clicks = batch["clicks"].clone()
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if self.global_step < self.hparams.iterative_start * total or self.hparams.max_iterative_clicks == 0:
+            return clicks
+        rounds = int(np.random.randint(0, self.hparams.max_iterative_clicks + 1))
+        if rounds == 0:
+            return clicks
+        gt = batch["mask"][:, 0].bool().cpu().numpy()
+        ignore = batch["ignore"][:, 0].cpu().numpy()
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            for _ in range(rounds):
+                pred = (self(batch["image"], clicks) > 0)[:, 0].cpu().numpy()
+                for b in range(len(pred)):
+                    free = (clicks[b, :, 2] == 0).nonzero()
+                    click = next_click(pred[b], gt[b], ignore[b])
+                    if click is not None and len(free):
+                        clicks[b, free[0, 0]] = torch.tensor([click.y, click.x, 1.0 if click.positive else -1.0])
+        self.train(was_training)
+        return clicks
+
+    def _step(self, batch: dict, clicks: torch.Tensor, metric: BinaryJaccardIndex, stage: str) -> torch.Tensor:
+        logits = self(batch["image"], clicks)
+        valid = ~batch["ignore"]
+        loss = masked_bce(logits, batch["mask"], valid)
+        target = batch["mask"].long().masked_fill(~valid, IGNORE_INDEX)
+        metric(logits.detach().sigmoid(), target)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(logits))
+        self.log(f"{stage}/iou", metric, prog_bar=True, batch_size=len(logits), on_step=stage == "train", on_epoch=True)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, self._add_iterative_clicks(batch), self.train_iou, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, batch["clicks"], self.val_iou, "val")
+
+    def configure_optimizers(self):
+        h = self.hparams
+        opt = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("set trainer.max_steps or max_epochs: the polynomial schedule needs a length")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: poly_lr_factor(s, int(total), h.poly_power))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation at original resolution ---------------------------------------------------
+    def predictor(self, image: torch.Tensor):
+        """A predictor for one image ``(1, 3, H, W)`` in [0, 1]: clicks in original coordinates
+        -> probability map ``(H, W)`` at original resolution."""
+        hw = tuple(image.shape[-2:])
+        net_hw = network_size(hw, self.hparams.eval_max_side)
+        net_image = F.interpolate(image, size=net_hw, mode="bilinear", align_corners=False) if net_hw != hw else image
+
+        def predict(clicks: list[Click]) -> np.ndarray:
+            c = scale_clicks(clicks_to_tensor(clicks)[None].to(image.device), hw, net_hw)
+            with torch.no_grad():
+                logits = self(net_image, c)
+                logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
+            return logits[0, 0].sigmoid().cpu().numpy()
+
+        return predict
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> ObjectResult:
+        """Click-by-click evaluation of one benchmark object (batch size 1)."""
+        gt = batch["mask"][0].cpu().numpy()
+        ignore = batch["ignore"][0].cpu().numpy()
+        return evaluate_object(self.predictor(batch["image"]), gt, ignore, self.hparams.eval_max_clicks)

@@ -1,0 +1,59 @@
+"""Interactive-segmentation metrics (paper A, sec. 4; RITM's NoC protocol)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def iou(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None) -> float:
+    """Intersection over union of two binary masks, pixels marked ``ignore`` excluded."""
+    pred = pred.astype(bool)
+    gt = gt.astype(bool)
+    if ignore is not None:
+        keep = ~ignore.astype(bool)
+        pred, gt = pred & keep, gt & keep
+    union = np.count_nonzero(pred | gt)
+    if union == 0:
+        raise ValueError("IoU undefined: ground truth and prediction are both empty")
+    return np.count_nonzero(pred & gt) / union
+
+
+def clicks_to_reach(ious: np.ndarray, threshold: float, max_clicks: int = 20) -> np.ndarray:
+    """Per object, the first click count (1-based) whose IoU reaches ``threshold``;
+    ``max_clicks`` when it is never reached. ``ious``: ``(objects, clicks)``."""
+    ious = np.asarray(ious, dtype=float)[:, :max_clicks]
+    reached = ious >= threshold
+    first = np.argmax(reached, axis=1) + 1
+    return np.where(reached.any(axis=1), first, max_clicks)
+
+
+def noc(ious: np.ndarray, threshold: float, max_clicks: int = 20) -> float:
+    """NoC@threshold: mean number of clicks to reach the IoU, capped at ``max_clicks``."""
+    return float(clicks_to_reach(ious, threshold, max_clicks).mean())
+
+
+def failures(ious: np.ndarray, threshold: float, max_clicks: int = 20) -> int:
+    """Objects that never reach ``threshold`` within ``max_clicks`` clicks."""
+    return int((~(np.asarray(ious)[:, :max_clicks] >= threshold).any(axis=1)).sum())
+
+
+def miou_at_click(ious: np.ndarray) -> list[float]:
+    """mIoU after k clicks, k = 1..max_clicks (mean over objects)."""
+    return [float(v) for v in np.asarray(ious, dtype=float).mean(axis=0)]
+
+
+def summarize(
+    ious: np.ndarray, thresholds: Sequence[float] = (0.8, 0.85, 0.9), max_clicks: int = 20
+) -> dict:
+    """The ``results.json`` entry for one dataset and variant (timing added by the caller)."""
+    ious = np.asarray(ious, dtype=float)
+    if ious.ndim != 2 or ious.shape[1] < max_clicks:
+        raise ValueError(f"expected per-object IoUs of shape (objects, {max_clicks}), got {ious.shape}")
+    key = lambda t: f"{round(t * 100):d}"  # noqa: E731
+    return {
+        "noc": {key(t): noc(ious, t, max_clicks) for t in thresholds},
+        "failures": {key(t): failures(ious, t, max_clicks) for t in thresholds},
+        "miou_at_click": miou_at_click(ious[:, :max_clicks]),
+        "n_objects": int(ious.shape[0]),
+    }

@@ -1,0 +1,97 @@
+"""User simulation: where a user would click (paper A, sec. 3.3).
+
+Test time: RITM's protocol, deterministic. Train time: stage (a) random initial clicks;
+stage (b), iterative clicks, reuses :func:`next_click` on the model's own predictions.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from modules.clicks import Click
+
+
+def _inner_distance(mask: np.ndarray) -> np.ndarray:
+    """Euclidean distance of every mask pixel to the nearest non-mask pixel or image border."""
+    padded = np.pad(mask.astype(np.uint8), 1)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return dist[1:-1, 1:-1]
+
+
+def next_click(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None) -> Click | None:
+    """The next corrective click for prediction ``pred`` against ground truth ``gt``.
+
+    False negatives call for a positive click, false positives for a negative one. The click
+    goes to the interior-most pixel (maximum of the distance transform) of the error region
+    that reaches deepest, as in RITM's ``Clicker``; ties go to the first pixel in row-major
+    order, so the simulator is deterministic. Pixels marked ``ignore`` are neither errors nor
+    clickable. Returns ``None`` when there is no error left.
+    """
+    pred = pred.astype(bool)
+    gt = gt.astype(bool)
+    valid = np.ones_like(gt) if ignore is None else ~ignore.astype(bool)
+    fn = gt & ~pred & valid
+    fp = ~gt & pred & valid
+    if not fn.any() and not fp.any():
+        return None
+    fn_dist = _inner_distance(fn)
+    fp_dist = _inner_distance(fp)
+    positive = fn_dist.max() > fp_dist.max()
+    dist = fn_dist if positive else fp_dist
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return Click(int(y), int(x), bool(positive))
+
+
+def _pick(rng: np.random.Generator, region: np.ndarray, n: int) -> list[tuple[int, int]]:
+    ys, xs = np.nonzero(region)
+    if n <= 0 or len(ys) == 0:
+        return []
+    idx = rng.choice(len(ys), size=min(n, len(ys)), replace=False)
+    return [(int(ys[i]), int(xs[i])) for i in idx]
+
+
+def sample_initial_clicks(
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    instances: np.ndarray | None = None,
+    ignore: np.ndarray | None = None,
+    max_positive: int = 5,
+    max_negative: int = 5,
+    margin: int = 3,
+    band: tuple[int, int] = (5, 20),
+) -> list[Click]:
+    """Stage (a) of train-time simulation: 1..``max_positive`` positives uniformly on the
+    object (at least ``margin`` px from its border where possible), 0..``max_negative``
+    negatives drawn from three strategies (paper A, sec. 3.3; ITIS / Xu et al.):
+    a band around the object, other objects (``instances`` > 0 outside this one), and
+    anywhere in the background.
+    """
+    mask = mask.astype(bool)
+    if not mask.any():
+        raise ValueError("cannot sample clicks on an empty mask")
+    valid = np.ones_like(mask) if ignore is None else ~ignore.astype(bool)
+    inner = _inner_distance(mask)
+    positive_region = (inner > margin) & valid
+    if not positive_region.any():
+        positive_region = mask & valid if (mask & valid).any() else mask
+    clicks = [Click(y, x, True) for y, x in _pick(rng, positive_region, int(rng.integers(1, max_positive + 1)))]
+
+    background = ~mask & valid
+    outer = _inner_distance(~mask)
+    strategies = [
+        background & (outer > margin) & (outer <= rng.integers(band[0], band[1] + 1)),  # around the object
+        background & (instances > 0) & (outer > margin) if instances is not None else None,  # other objects
+        background & (outer > margin),  # anywhere in the background
+    ]
+    strategies = [s for s in strategies if s is not None and s.any()]
+    n_negative = int(rng.integers(0, max_negative + 1))
+    if strategies and n_negative:
+        # split the negatives between the strategies at random
+        counts = rng.multinomial(n_negative, np.ones(len(strategies)) / len(strategies))
+        taken: set[tuple[int, int]] = set()
+        for region, k in zip(strategies, counts):
+            for yx in _pick(rng, region, int(k)):
+                if yx not in taken:
+                    taken.add(yx)
+                    clicks.append(Click(yx[0], yx[1], False))
+    return clicks

@@ -1,0 +1,41 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# small enough for 2 CPU cores: 64 px images, narrow decoder, a few steps
+TINY_MODEL = ["--model.backbone", "resnet10t", "--model.aspp_channels", "32", "--model.decoder_channels", "32"]
+TINY_DATA = ["--data.image_size", "64", "--data.crop_size", "64", "--data.batch_size", "2", "--data.num_workers", "0",
+             "--data.val_length", "4", "--data.min_area", "16"]
+
+
+def tiny_fit_args(root: Path, steps: int = 3) -> list[str]:
+    return [
+        "fit", "--config", str(ROOT / "configs/train_init.yaml"),
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+        "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.callbacks", json.dumps([{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                                            "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True}}]),
+        "--trainer.enable_progress_bar", "false",
+        *TINY_MODEL, *TINY_DATA,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A checkpoint trained for a few steps through the real CLI (in-process)."""
+    from lightning_app.cli import main
+
+    root = tmp_path_factory.mktemp("train")
+    assert main(tiny_fit_args(root)) == 0
+    ckpt = root / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    return ckpt

@@ -1,0 +1,95 @@
+"""The command line end to end: train, benchmark, resume, print_config and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_DATA, tiny_fit_args
+
+from lightning_app.cli import main
+
+BENCH = ["--data.test_length", "3", "--data.image_size", "64", "--data.num_workers", "0", "--max_clicks", "20"]
+
+
+def run_cli(*args, timeout=180):
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "lightning_app", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_fast_dev_run():
+    assert main(["fit", "--config", str(ROOT / "configs/train_init.yaml"),
+                 "--config", str(ROOT / "configs/debug/fdr.yaml"), *TINY_DATA]) == 0
+
+
+def test_checkpoint_carries_the_full_config(tiny_ckpt):
+    ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["backbone"] == "resnet10t"
+    assert ckpt["hyper_parameters"]["aspp_channels"] == 32
+    assert ckpt["datamodule_hyper_parameters"]["image_size"] == 64
+    assert (tiny_ckpt.parent.parent / "config.yaml").is_file()
+
+
+def test_resume_continues_from_last(tmp_path):
+    assert main(tiny_fit_args(tmp_path, steps=2)) == 0
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
+    assert main(tiny_fit_args(tmp_path, steps=4) + ["--ckpt_path", str(last)]) == 0
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+
+
+def test_benchmark_writes_results_and_resumes(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["benchmark", "--config", str(ROOT / "configs/benchmark.yaml"), "--ckpt", str(tiny_ckpt),
+            "--out_dir", str(out), *BENCH]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"] == {"max_clicks": 20, "iou_thresholds": [0.8, 0.85, 0.9]}
+    assert list(results["results"]) == ["source", "fundus", "rooftop"]
+    for ds, variants in results["results"].items():
+        r = variants["fixed"]
+        assert set(r["noc"]) == {"80", "85", "90"} and set(r["failures"]) >= {"85", "90"}
+        assert len(r["miou_at_click"]) == 20 and r["n_objects"] == 3
+        assert 1 <= r["noc"]["80"] <= r["noc"]["85"] <= r["noc"]["90"] <= 20
+        assert r["seconds_per_click"] > 0
+    rows = (out / "per_object_iou.csv").read_text().splitlines()
+    assert rows[0].startswith("dataset,variant,object,iou_1,") and len(rows) == 1 + 9
+    assert (out / "miou_vs_clicks.png").stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "NoC@90" in table and "rooftop" in table
+    before = (out / "results.json").stat().st_mtime_ns
+    assert main(args) == 0  # everything done: nothing is recomputed
+    assert "already in" in capsys.readouterr().out
+    assert (out / "results.json").stat().st_mtime_ns == before
+
+
+def test_print_config_is_complete():
+    r = run_cli("fit", "--config", "configs/train_init.yaml", "--print_config")
+    assert r.returncode == 0, r.stderr
+    assert "backbone: resnet10t" in r.stdout and "click_radius: 3.0" in r.stdout and "max_steps: 1000" in r.stdout
+    r = run_cli("benchmark", "--config", "configs/benchmark.yaml", "--print_config")
+    assert r.returncode == 0, r.stderr
+    assert "test_domains:" in r.stdout and "max_clicks: 20" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["benchmark", "--ckpt", "no/such.ckpt"], "checkpoint 'no/such.ckpt' does not exist"),
+        (["benchmark", "--ckpt", "CORRUPT"], "cannot be loaded"),
+        (["fit", "--config", "configs/train_init.yaml", "--model.backbone", "resnet_nope"], "unknown backbone 'resnet_nope'"),
+        (["fit", "--config", "configs/train_init.yaml", "--model.no_such_key", "1"], "no_such_key"),
+        (["benchmark", "--ckpt", "x.ckpt", "--variants", "[magic]"], "unknown variant(s) ['magic']"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, expected, tmp_path):
+    if "CORRUPT" in args:
+        bad = tmp_path / "corrupt.ckpt"
+        bad.write_bytes(b"\x00garbage" * 10)
+        args = [str(bad) if a == "CORRUPT" else a for a in args]
+    r = run_cli(*args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert expected in r.stderr.strip().splitlines()[-1]

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from modules.deeplab import DeepLabV3Plus
+from modules.errors import UserError
+from modules.interactive import InteractiveSegmentationModule, network_size, poly_lr_factor
+
+
+@pytest.mark.parametrize(
+    "backbone,output_stride",
+    [("resnet10t", 16), ("resnet10t", 8), ("mobilenetv3_small_050", 16)],
+)
+def test_deeplab_on_several_backbones(backbone, output_stride):
+    net = DeepLabV3Plus(backbone, in_chans=5, output_stride=output_stride, aspp_channels=16, decoder_channels=16).eval()
+    x = torch.randn(2, 5, 64, 96)
+    with torch.no_grad():
+        feats = net.encode(x)
+        out = net(x)
+    assert out.shape == (2, 1, 64, 96)
+    # decoder input channels come from the backbone's feature_info, strides 4 and OS
+    assert [f.shape[1] for f in feats] == net.encoder.feature_info.channels()
+    assert feats[0].shape[-1] == 96 // 4 and feats[1].shape[-1] == 96 // output_stride
+    assert net.decode_features(feats).shape[-2:] == (16, 24)
+
+
+def test_unknown_backbone_and_stride_are_user_errors():
+    with pytest.raises(UserError, match="unknown backbone 'resnet_nope'"):
+        DeepLabV3Plus("resnet_nope")
+    with pytest.raises(UserError, match="output_stride=32"):
+        DeepLabV3Plus("resnet10t", output_stride=32)
+
+
+def test_module_predictor_returns_original_resolution():
+    m = InteractiveSegmentationModule(aspp_channels=16, decoder_channels=16, eval_max_side=64).eval()
+    from modules.clicks import Click
+
+    predict = m.predictor(torch.rand(1, 3, 90, 130))
+    prob = predict([Click(45, 60, True)])
+    assert prob.shape == (90, 130) and 0 <= prob.min() and prob.max() <= 1
+
+
+def test_network_size_and_poly_schedule():
+    assert network_size((128, 128), 512) == (128, 128)
+    assert network_size((480, 640), 320) == (256, 320)
+    assert network_size((10, 10), 512) == (32, 32)
+    assert poly_lr_factor(0, 100, 0.9) == 1.0 and poly_lr_factor(100, 100, 0.9) == 0.0
+    assert 0 < poly_lr_factor(50, 100, 0.9) < 1
