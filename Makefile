@@ -27,8 +27,9 @@ demo: $(STAMP) ## train the initial model on the embedded source domain, then be
 	$(MAKE) --no-print-directory train-init
 	$(MAKE) --no-print-directory benchmark
 
-train-init: $(STAMP) ## train (or resume) the initial model -> runs/train_init/checkpoints/last.ckpt
+train-init: $(STAMP) ## train (or resume) the initial model and its MAS importance -> runs/train_init/checkpoints/last.ckpt{,.mas.pt}
 	$(PY) -m lightning_app fit --config configs/train_init.yaml --ckpt_path last $(ARGS)
+	$(PY) -m lightning_app importance --ckpt $(CKPT)
 
 benchmark: $(STAMP) ## NoC / mIoU@k benchmark of CKPT -> runs/benchmark/{results.json,per_object_iou.csv,miou_vs_clicks.png}
 	$(PY) -m lightning_app benchmark --config configs/benchmark.yaml --ckpt $(CKPT) --out_dir $(BENCH_OUT) $(ARGS)

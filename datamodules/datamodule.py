@@ -73,6 +73,11 @@ class InteractiveDataModule(pl.LightningDataModule):
         h = self.hparams
         return self._loader(self._train_view(self._source(h.train_domain, h.val_length, h.val_seed), False), False, h.batch_size)
 
+    def importance_dataset(self, length: int) -> TrainObjects:
+        """Unaugmented training-domain samples with simulated clicks (for MAS importance)."""
+        h = self.hparams
+        return self._train_view(self._source(h.train_domain, length, h.train_seed), False)
+
     def test_datasets(self) -> list[EvalObjects]:
         h = self.hparams
         return [EvalObjects(self._source(d, h.test_length, h.test_seed)) for d in h.test_domains]

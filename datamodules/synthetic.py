@@ -28,6 +28,7 @@ from modules.errors import UserError
 class Scene:
     image: np.ndarray  # H, W, 3 uint8 RGB
     instances: np.ndarray  # H, W int32; 0 background, k > 0 object k
+    targets: np.ndarray | None = None  # ids that may be targets (None: every object)
 
 
 def _noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
@@ -111,6 +112,7 @@ def render_source(rng: np.random.Generator, size: int) -> Scene:
     img = c1 * blend + c2 * (1 - blend)
     img *= (0.8 + 0.4 * _noise(rng, h, w, 16))[..., None]
     instances = np.zeros((h, w), np.int32)
+    drawn: dict[int, int] = {}
     for k in range(1, int(rng.integers(2, 6)) + 1):
         m = _shape_mask(rng, h, w)
         if m.sum() < 30:
@@ -118,9 +120,15 @@ def render_source(rng: np.random.Generator, size: int) -> Scene:
         if rng.random() < 0.4:  # soft drop shadow
             shift = np.roll(np.roll(m, int(rng.integers(2, 6)), 0), int(rng.integers(2, 6)), 1) & ~m
             img[shift] *= 0.6
-        img[m] = _texture(rng, h, w, _colour(rng))[m]
+        under = img[m].mean(axis=0)
+        colour = max((_colour(rng) for _ in range(4)), key=lambda c: np.abs(c - under).sum())  # stands out, as photos' objects mostly do
+        img[m] = _texture(rng, h, w, colour)[m]
         instances[m] = k
-    return Scene(_finish(img, rng, blur=rng.uniform(0.3, 1.0), noise=rng.uniform(2, 8)), instances)
+        drawn[k] = int(m.sum())
+    # objects mostly hidden by later ones are ambiguous targets: they stay in the scene as clutter
+    visible = {k: (instances == k).sum() / a for k, a in drawn.items()}
+    targets = np.array([k for k, v in visible.items() if v >= 0.6], np.int32)
+    return Scene(_finish(img, rng, blur=rng.uniform(0.3, 1.0), noise=rng.uniform(2, 8)), instances, targets)
 
 
 def _vessels(rng: np.random.Generator, img: np.ndarray, start: tuple[float, float], size: int, n: int) -> None:
@@ -284,6 +292,8 @@ class SyntheticObjects:
             scene = render(self.domain, self.seed, index + attempt * 10_000_019, self.size)
             ids, areas = np.unique(scene.instances[scene.instances > 0], return_counts=True)
             ids = ids[areas >= self.min_area]
+            if scene.targets is not None:
+                ids = ids[np.isin(ids, scene.targets)]
             if len(ids):
                 break
         else:

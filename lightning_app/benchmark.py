@@ -5,24 +5,40 @@ rerun with the same checkpoint, data and protocol skips what is already there.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.loggers import WandbLogger
 from torch.utils.data import DataLoader
+
+from jsonargparse import ArgumentParser
 
 from callbacks.benchmark import ClickRecorder
 from datamodules.datamodule import InteractiveDataModule
 from lightning_app import report
 from lightning_app.checkpoints import file_digest, load_module
+from lightning_app.importance import attach_importance
 from modules.errors import UserError
 from modules.metrics import summarize
 
-VARIANTS: dict[str, list[pl.Callback]] = {"fixed": []}
-"""Adaptation variants by name -> the callbacks that implement them (``fixed``: none)."""
+ADAPT_DIR = Path(__file__).resolve().parents[1] / "configs" / "adapt"
+
+
+def variant_callbacks(name: str, adapt_dir: str | Path = ADAPT_DIR) -> list[pl.Callback]:
+    """Fresh callbacks of adaptation variant ``name``, from ``<adapt_dir>/<name>.yaml``."""
+    path = Path(adapt_dir) / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(adapt_dir).glob("*.yaml"))
+        raise UserError(f"unknown variant(s) ['{name}']: no {path} (expected some of {known})")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callbacks", type=list[pl.Callback], default=[])
+    try:
+        return parser.instantiate_classes(parser.parse_path(path)).callbacks
+    except Exception as e:  # noqa: BLE001 (jsonargparse raises several kinds for a bad file)
+        raise UserError(f"variant config '{path}': {' '.join(str(e).split())[:300]}") from e
 
 
 def run_benchmark(
@@ -34,8 +50,10 @@ def run_benchmark(
     iou_thresholds: list[float] = [0.8, 0.85, 0.9],  # noqa: B006
     accelerator: str = "auto",
     devices: int = 1,
+    strategy: str = "auto",
     wandb_project: str = "interactive-segmentation",
     wandb_group: str | None = None,
+    adapt_dir: str = str(ADAPT_DIR),
 ) -> dict:
     """Benchmark ``ckpt`` on ``data``'s test sets and write the results under ``out_dir``.
 
@@ -47,20 +65,21 @@ def run_benchmark(
         max_clicks: clicks per object (NoC is capped here).
         iou_thresholds: IoU targets for NoC and failures.
         accelerator: Lightning accelerator (cpu, gpu, auto).
-        devices: devices (processes) to evaluate on.
+        devices: devices (processes) to evaluate on; each adapts on its own share of the
+            objects (``ddp``; gloo on CPU).
+        strategy: Lightning strategy (``auto``, ``ddp``).
         wandb_project: wandb project (offline unless WANDB_MODE says otherwise).
         wandb_group: wandb group of this benchmark's runs (default: the folder's name).
+        adapt_dir: folder of the variants' callback configs (``<variant>.yaml``).
     """
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise UserError(f"unknown variant(s) {unknown}: expected some of {sorted(VARIANTS)}")
+    for v in variants:  # fail on a bad variant before any work
+        variant_callbacks(v, adapt_dir)
     if not 1 <= max_clicks <= 100:
         raise UserError(f"max_clicks={max_clicks}: expected 1..100")
     if not iou_thresholds or any(not 0 < t < 1 for t in iou_thresholds):
         raise UserError(f"iou_thresholds={iou_thresholds}: expected values in (0, 1)")
     out = Path(out_dir)
     module = load_module(ckpt)
-    module.hparams.eval_max_clicks = max_clicks
     protocol = {"max_clicks": max_clicks, "iou_thresholds": list(iou_thresholds)}
     model = {"checkpoint": str(ckpt), "sha256_16": file_digest(ckpt), "hparams": dict(module.hparams)}
     data_config = dict(data.hparams)
@@ -81,36 +100,48 @@ def run_benchmark(
         if not todo:
             print(f"{variant}: every dataset already in {out / report.RESULTS}, skipped")
             continue
-        recorder = ClickRecorder()
         logger = WandbLogger(project=wandb_project, name=variant, group=group, save_dir=str(out), job_type="benchmark")
-        trainer = pl.Trainer(
-            accelerator=accelerator,
-            devices=devices,
-            logger=logger,
-            callbacks=[RichProgressBar(), recorder, *VARIANTS[variant]],
-            inference_mode=False,  # test-time adaptation needs gradients; predictions use no_grad
-            enable_model_summary=False,
-        )
-        loaders = [DataLoader(ds, batch_size=1, num_workers=data.hparams.num_workers) for ds in todo]
-        trainer.test(module, dataloaders=loaders, verbose=False)
-        if not trainer.is_global_zero:
-            continue
-        for ds in todo:
-            names, ious, seconds = recorder.dataset(ds.name)
+        for ds in todo:  # each dataset is its own sequence, starting from the checkpoint's weights
+            names, ious, seconds = _evaluate(ckpt, ds, variant, adapt_dir, max_clicks, logger,
+                                             accelerator, devices, strategy, data.hparams.num_workers)
+            if names is None:  # not the main process
+                continue
             entry = summarize(ious, iou_thresholds, max_clicks)
             entry["seconds_per_click"] = float(np.mean(seconds))
             results["results"].setdefault(ds.name, {})[variant] = entry
             rows += report.object_rows(ds.name, variant, names, ious)
             report.write_rows(out, rows, max_clicks)
             report.write_results(out, results)
-        _log_to_wandb(logger, results, variant, [ds.name for ds in todo])
-        logger.experiment.finish()
+        if rank_zero_only.rank == 0:
+            _log_to_wandb(logger, results, variant, [ds.name for ds in todo])
+            logger.experiment.finish()
 
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        plot = report.plot_miou(out, results)
+    if rank_zero_only.rank == 0:
+        plots = [report.plot_miou(out, results), report.plot_sequence(out, rows, click=min(4, max_clicks))]
         report.print_table(results)
-        print(f"results: {out / report.RESULTS}  per-object IoU: {out / report.PER_OBJECT}  plot: {plot}")
+        print(f"results: {out / report.RESULTS}  per-object IoU: {out / report.PER_OBJECT}  plots: {', '.join(map(str, plots))}")
     return results
+
+
+def _evaluate(ckpt, dataset, variant, adapt_dir, max_clicks, logger, accelerator, devices, strategy, num_workers):
+    """One variant on one dataset: (object names, IoUs, per-click seconds), or Nones off rank 0."""
+    module = load_module(ckpt)
+    module.hparams.eval_max_clicks = max_clicks
+    attach_importance(module, ckpt)
+    recorder = ClickRecorder()
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        logger=logger,
+        callbacks=[RichProgressBar(), recorder, *variant_callbacks(variant, adapt_dir)],
+        inference_mode=False,  # test-time adaptation needs gradients; predictions use no_grad
+        enable_model_summary=False,
+    )
+    trainer.test(module, dataloaders=DataLoader(dataset, batch_size=1, num_workers=num_workers), verbose=False)
+    if not trainer.is_global_zero:
+        return None, None, None
+    return recorder.dataset(dataset.name)
 
 
 def _log_to_wandb(logger: WandbLogger, results: dict, variant: str, datasets: list[str]) -> None:

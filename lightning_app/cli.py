@@ -1,11 +1,14 @@
-"""The command line: LightningCLI for fit/validate/test, a jsonargparse parser for benchmark.
+"""The command line: LightningCLI for fit/validate/test, jsonargparse parsers for the
+plain-function subcommands (benchmark, importance).
 
     python -m lightning_app fit --config configs/train_init.yaml
+    python -m lightning_app importance --ckpt path.ckpt
     python -m lightning_app benchmark --config configs/benchmark.yaml --ckpt path.ckpt
     python -m lightning_app <subcommand> --help | --print_config
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -17,24 +20,29 @@ from pytorch_lightning.cli import LightningCLI  # noqa: E402
 
 from datamodules.datamodule import InteractiveDataModule  # noqa: E402
 from lightning_app.benchmark import run_benchmark  # noqa: E402
+from lightning_app.importance import compute_importance  # noqa: E402
 from modules.errors import UserError  # noqa: E402
 from modules.interactive import InteractiveSegmentationModule  # noqa: E402
 
 
-def benchmark_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m lightning_app benchmark", description=run_benchmark.__doc__.split("\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/benchmark.yaml)")
-    parser.add_function_arguments(run_benchmark, skip={"data"})
-    parser.add_class_arguments(InteractiveDataModule, "data")
+FUNCTIONS = {"benchmark": run_benchmark, "importance": compute_importance}
+"""Subcommands that are plain functions (of options, and of ``data`` when they take it)."""
+
+
+def function_parser(name: str) -> ArgumentParser:
+    fn = FUNCTIONS[name]
+    parser = ArgumentParser(prog=f"python -m lightning_app {name}", description=fn.__doc__.split("\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (see configs/)")
+    parser.add_function_arguments(fn, skip={"data"})
+    if "data" in inspect.signature(fn).parameters:
+        parser.add_class_arguments(InteractiveDataModule, "data")
     return parser
 
 
-def benchmark_main(argv: list[str]) -> dict:
-    parser = benchmark_parser()
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
-    kwargs = {k: v for k, v in init.items() if k != "config"}
-    return run_benchmark(**kwargs)
+def function_main(name: str, argv: list[str]):
+    parser = function_parser(name)
+    init = parser.instantiate_classes(parser.parse_args(argv))
+    return FUNCTIONS[name](**{k: v for k, v in init.items() if k != "config"})
 
 
 def lightning_main(argv: list[str]) -> None:
@@ -49,8 +57,8 @@ def lightning_main(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] == "benchmark":
-            benchmark_main(argv[1:])
+        if argv and argv[0] in FUNCTIONS:
+            function_main(argv[0], argv[1:])
         else:
             lightning_main(argv)
     except UserError as e:

@@ -77,6 +77,51 @@ def plot_miou(out_dir: Path, results: dict) -> Path:
     return path
 
 
+CURVE = "iou_at_k_vs_images.png"
+
+
+def iou_at_click_by_order(rows: list[list], click: int = 4) -> dict[tuple[str, str], np.ndarray]:
+    """Per (dataset, variant), IoU after ``click`` clicks for each object in sequence order."""
+    curves: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        curves.setdefault((row[0], row[1]), []).append(float(row[2 + click]))
+    return {k: np.asarray(v) for k, v in curves.items()}
+
+
+def running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last ``window`` values at every position (fewer at the start)."""
+    c = np.cumsum(np.insert(np.asarray(values, float), 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot_sequence(out_dir: Path, rows: list[list], click: int = 4, window: int = 20) -> Path:
+    """IoU@``click`` against the number of images processed (paper A, fig. 3b / 5 right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = iou_at_click_by_order(rows, click)
+    datasets = list(dict.fromkeys(ds for ds, _ in curves))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for (d, variant), values in curves.items():
+            if d == ds:
+                ax.plot(np.arange(1, len(values) + 1), running_mean(values, window), label=variant)
+        ax.set_title(f"{ds}: IoU@{click} (mean of last {window})")
+        ax.set_xlabel("images processed")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = out_dir / CURVE
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)
+    return path
+
+
 def results_table(results: dict) -> Table:
     thresholds = [str(round(t * 100)) for t in results["protocol"]["iou_thresholds"]]
     table = Table(title=f"Interactive segmentation benchmark (max {results['protocol']['max_clicks']} clicks)")
@@ -86,7 +131,8 @@ def results_table(results: dict) -> Table:
         table.add_column(f"NoC@{t}", justify="right")
     for t in thresholds[1:]:
         table.add_column(f"fail@{t}", justify="right")
-    for k in (1, 3, 5):
+    ks = [k for k in (1, 3, 5, 10) if k <= results["protocol"]["max_clicks"]]
+    for k in ks:
         table.add_column(f"mIoU@{k}", justify="right")
     table.add_column("ms/click", justify="right")
     table.add_column("objects", justify="right")
@@ -97,7 +143,7 @@ def results_table(results: dict) -> Table:
                 variant,
                 *[f"{r['noc'][t]:.2f}" for t in thresholds],
                 *[str(r["failures"][t]) for t in thresholds[1:]],
-                *[f"{r['miou_at_click'][k - 1]:.3f}" for k in (1, 3, 5)],
+                *[f"{r['miou_at_click'][k - 1]:.3f}" for k in ks],
                 f"{1000 * r['seconds_per_click']:.1f}",
                 str(r["n_objects"]),
             )

@@ -7,7 +7,7 @@ and the click-by-click evaluation (``modules.evaluation``).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -18,7 +18,7 @@ from torchmetrics.classification import BinaryJaccardIndex
 from modules.clicks import Click, clicks_to_tensor, encode_clicks, scale_clicks
 from modules.deeplab import DeepLabV3Plus
 from modules.evaluation import ObjectResult, evaluate_object
-from modules.losses import masked_bce
+from modules.losses import masked_bce, soft_iou_loss
 from modules.simulate import next_click
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -50,9 +50,12 @@ class InteractiveSegmentationModule(pl.LightningModule):
         pretrained: start the encoder from timm's ImageNet weights (needs network).
         click_radius: click disk radius (or Gaussian sigma) in pixels at network resolution.
         click_encoding: ``disk`` (paper A) or ``gaussian``.
-        lr: SGD learning rate.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
+        loss: ``bce`` over all pixels (the paper's Eq. 1), or ``bce+iou`` adding a soft-IoU term
+            per image, which weighs small objects as much as large ones.
+        optimizer: ``sgd`` with momentum (the paper's) or ``adamw``.
+        lr: learning rate.
+        momentum: SGD momentum (AdamW: beta1).
+        weight_decay: weight decay.
         poly_power: power of the polynomial learning-rate decay over ``max_steps``.
         max_iterative_clicks: stage (b) adds 0..this many simulated clicks per batch.
         iterative_start: fraction of training after which stage (b) begins.
@@ -71,6 +74,8 @@ class InteractiveSegmentationModule(pl.LightningModule):
         pretrained: bool = False,
         click_radius: float = 3.0,
         click_encoding: Literal["disk", "gaussian"] = "disk",
+        loss: Literal["bce", "bce+iou"] = "bce",
+        optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -87,6 +92,8 @@ class InteractiveSegmentationModule(pl.LightningModule):
         )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.click_hooks: list[Callable[["ImagePredictor", torch.Tensor], None]] = []  # test-time adaptation
+        self.current_predictor: ImagePredictor | None = None
         self.train_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
         self.val_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
 
@@ -130,6 +137,8 @@ class InteractiveSegmentationModule(pl.LightningModule):
         logits = self(batch["image"], clicks)
         valid = ~batch["ignore"]
         loss = masked_bce(logits, batch["mask"], valid)
+        if self.hparams.loss == "bce+iou":
+            loss = loss + soft_iou_loss(logits, batch["mask"], valid)
         target = batch["mask"].long().masked_fill(~valid, IGNORE_INDEX)
         metric(logits.detach().sigmoid(), target)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(logits))
@@ -144,7 +153,10 @@ class InteractiveSegmentationModule(pl.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        opt = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+        if h.optimizer == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=h.lr, betas=(h.momentum, 0.999), weight_decay=h.weight_decay)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("set trainer.max_steps or max_epochs: the polynomial schedule needs a length")
@@ -152,24 +164,65 @@ class InteractiveSegmentationModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- evaluation at original resolution ---------------------------------------------------
-    def predictor(self, image: torch.Tensor):
-        """A predictor for one image ``(1, 3, H, W)`` in [0, 1]: clicks in original coordinates
-        -> probability map ``(H, W)`` at original resolution."""
-        hw = tuple(image.shape[-2:])
-        net_hw = network_size(hw, self.hparams.eval_max_side)
-        net_image = F.interpolate(image, size=net_hw, mode="bilinear", align_corners=False) if net_hw != hw else image
-
-        def predict(clicks: list[Click]) -> np.ndarray:
-            c = scale_clicks(clicks_to_tensor(clicks)[None].to(image.device), hw, net_hw)
-            with torch.no_grad():
-                logits = self(net_image, c)
-                logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
-            return logits[0, 0].sigmoid().cpu().numpy()
-
-        return predict
+    def predictor(self, image: torch.Tensor) -> "ImagePredictor":
+        """A predictor for one image ``(1, 3, H, W)`` in [0, 1] (see :class:`ImagePredictor`)."""
+        return ImagePredictor(self, image, network_size(tuple(image.shape[-2:]), self.hparams.eval_max_side))
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> ObjectResult:
         """Click-by-click evaluation of one benchmark object (batch size 1)."""
         gt = batch["mask"][0].cpu().numpy()
         ignore = batch["ignore"][0].cpu().numpy()
-        return evaluate_object(self.predictor(batch["image"]), gt, ignore, self.hparams.eval_max_clicks)
+        predictor = self.predictor(batch["image"])
+        predictor.hooks = list(self.click_hooks)
+        self.current_predictor = predictor  # read by sequence adaptation after the object
+        return evaluate_object(predictor, gt, ignore, self.hparams.eval_max_clicks)
+
+
+class ImagePredictor:
+    """Interactive prediction on one image, as a user session sees it.
+
+    Called with all clicks so far (original coordinates) it returns the foreground probability
+    at the original resolution. ``hooks`` run first on every click with the clicks at network
+    resolution: that is where image adaptation takes its gradient steps. ``previous`` keeps the
+    last prediction (network resolution) as the target of Eq. 4's second term.
+    With ``cache_encoder`` the encoder runs once per click and its features are reused, for
+    adaptation that changes the decoder only.
+    """
+
+    def __init__(self, module: InteractiveSegmentationModule, image: torch.Tensor, net_hw: tuple[int, int]):
+        self.module = module
+        self.hw = tuple(image.shape[-2:])
+        self.net_hw = net_hw
+        self.net_image = F.interpolate(image, size=net_hw, mode="bilinear", align_corners=False) if net_hw != self.hw else image
+        self.hooks: list[Callable[[ImagePredictor, torch.Tensor], None]] = []
+        self.previous: torch.Tensor | None = None  # (1, 1, h, w) probabilities at network resolution
+        self.cache_encoder = False
+        self._cache: tuple[bytes, list[torch.Tensor]] | None = None
+
+    def net_clicks(self, clicks: list[Click]) -> torch.Tensor:
+        """Clicks as a ``(1, N, 3)`` tensor in network coordinates."""
+        return scale_clicks(clicks_to_tensor(clicks)[None].to(self.net_image.device), self.hw, self.net_hw)
+
+    def encoder_features(self, clicks: torch.Tensor) -> list[torch.Tensor]:
+        net = self.module.net
+        if not self.cache_encoder:
+            return net.encode(self.module.network_input(self.net_image, clicks))
+        key = clicks.cpu().numpy().tobytes()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, net.encode(self.module.network_input(self.net_image, clicks)))
+        return self._cache[1]
+
+    def logits(self, clicks: torch.Tensor) -> torch.Tensor:
+        """Logits ``(1, 1, h, w)`` at network resolution (differentiable unless under no_grad)."""
+        return self.module.net.decode(self.encoder_features(clicks), self.net_hw)
+
+    def __call__(self, clicks: list[Click]) -> np.ndarray:
+        c = self.net_clicks(clicks)
+        for hook in self.hooks:
+            hook(self, c)
+        with torch.no_grad():
+            logits = self.logits(c)
+        self.previous = logits.sigmoid()
+        full = F.interpolate(logits, size=self.hw, mode="bilinear", align_corners=False) if self.hw != self.net_hw else logits
+        return full[0, 0].sigmoid().cpu().numpy()

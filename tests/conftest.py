@@ -39,3 +39,13 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     ckpt = root / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     return ckpt
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_with_importance(tiny_ckpt) -> Path:
+    """``tiny_ckpt`` with its MAS importance, computed through the CLI."""
+    from lightning_app.cli import main
+
+    assert main(["importance", "--ckpt", str(tiny_ckpt), "--samples", "4"]) == 0
+    assert Path(str(tiny_ckpt) + ".mas.pt").is_file()
+    return tiny_ckpt

@@ -68,7 +68,7 @@ def test_benchmark_writes_results_and_resumes(tiny_ckpt, tmp_path, capsys):
 def test_print_config_is_complete():
     r = run_cli("fit", "--config", "configs/train_init.yaml", "--print_config")
     assert r.returncode == 0, r.stderr
-    assert "backbone: resnet10t" in r.stdout and "click_radius: 3.0" in r.stdout and "max_steps: 1000" in r.stdout
+    assert "backbone: resnet10t" in r.stdout and "click_radius: 3.0" in r.stdout and "max_steps: 1200" in r.stdout
     r = run_cli("benchmark", "--config", "configs/benchmark.yaml", "--print_config")
     assert r.returncode == 0, r.stderr
     assert "test_domains:" in r.stdout and "max_clicks: 20" in r.stdout

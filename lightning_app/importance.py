@@ -1,0 +1,66 @@
+"""``importance``: MAS parameter importance of a checkpoint on its training data.
+
+Stored beside the checkpoint (``<ckpt>.mas.pt``) with the checkpoint's digest, so that an
+importance file never silently serves another checkpoint.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from rich.progress import track
+from torch.utils.data import DataLoader
+
+from callbacks.adaptation import importance_path
+from datamodules.datamodule import InteractiveDataModule
+from lightning_app.checkpoints import file_digest, load_module
+from modules.adaptation import mas_importance
+from modules.errors import UserError
+from modules.interactive import InteractiveSegmentationModule
+from modules.io import atomic_write
+
+
+def compute_importance(ckpt: str, samples: int = 200) -> Path:
+    """Compute MAS importance for ``ckpt`` on ``samples`` objects of its training domain.
+
+    Args:
+        ckpt: checkpoint of an InteractiveSegmentationModule (its saved data config says
+            which training data it saw).
+        samples: number of training objects (one gradient each).
+    """
+    if samples < 1:
+        raise UserError(f"samples={samples}: expected at least 1")
+    path = importance_path(ckpt)
+    module = load_module(ckpt).eval()
+    digest = file_digest(ckpt)
+    if path.exists():
+        old = torch.load(path, map_location="cpu", weights_only=True)
+        if old.get("checkpoint_sha256_16") == digest and old.get("samples") == samples:
+            print(f"MAS importance of {ckpt} is up to date: {path}")
+            return path
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters")
+    if saved is None:
+        raise UserError(f"checkpoint '{ckpt}' has no data config: train it with `python -m lightning_app fit`")
+    accepted = inspect.signature(InteractiveDataModule).parameters  # LightningCLI adds private keys
+    data = InteractiveDataModule(**{k: v for k, v in saved.items() if k in accepted})
+    loader = DataLoader(data.importance_dataset(samples), batch_size=1, num_workers=0)
+    batches = track(loader, description="MAS importance", total=samples)
+    importance = mas_importance(module, lambda b: module(b["image"], b["clicks"]).sigmoid(), batches)
+    payload = {"importance": importance, "checkpoint_sha256_16": digest, "samples": samples}
+    atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
+    print(f"MAS importance of {ckpt} ({samples} samples): {path}")
+    return path
+
+
+def attach_importance(module: InteractiveSegmentationModule, ckpt: str | Path) -> None:
+    """Load ``<ckpt>.mas.pt`` into ``module.mas_importance`` when it exists and matches."""
+    path = importance_path(ckpt)
+    if not path.exists():
+        module.mas_importance = None
+        return
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("checkpoint_sha256_16") != file_digest(ckpt):
+        raise UserError(f"MAS importance '{path}' belongs to another version of '{ckpt}': recompute it with "
+                        f"`python -m lightning_app importance --ckpt {ckpt}`")
+    module.mas_importance = payload["importance"]
