@@ -14,6 +14,7 @@ running statistics (batch size 1).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -79,21 +80,29 @@ class ImageAdaptation(_Adaptation):
         lam: weight of the corrections vs the previous prediction (paper: 1).
         gamma: weight of the MAS penalty (paper: 1).
         parameters: ``all``, ``decoder`` or a regular expression over parameter names.
-        cache_encoder: run the encoder once per click and adapt on its cached features
-            (only with parameters outside the encoder): the fast, decoder-only variant.
+        cache: compute the frozen part once per click and adapt on its cached output:
+            ``encoder`` (the adapted parameters must lie outside the encoder) or ``decoder``
+            (only the 1x1 head may adapt): the fast variants.
     """
 
     def __init__(self, steps: int = 10, lr: float = 1e-4, lam: float = 1.0, gamma: float = 1.0,
-                 parameters: str = "all", cache_encoder: bool = False):
+                 parameters: str = "all", cache: Literal["none", "encoder", "decoder"] = "none"):
         super().__init__(lr, lam, gamma, parameters)
         if steps < 1:
             raise UserError(f"steps={steps}: expected at least 1")
-        self.steps, self.cache_encoder = steps, cache_encoder
+        self.steps, self.cache = steps, cache
 
     def setup(self, trainer, pl_module, stage) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.cache_encoder and any(n.startswith("net.encoder.") for n in self.names):
-            raise UserError(f"cache_encoder needs parameters outside the encoder, but '{self.parameters}' selects encoder weights")
+        adaptable = {
+            "none": lambda n: True,
+            "encoder": lambda n: not n.startswith("net.encoder."),
+            "decoder": lambda n: n.startswith("net.head."),
+        }[self.cache]
+        cached = [n for n in self.names if not adaptable(n)]
+        if cached:
+            raise UserError(f"cache={self.cache} cannot adapt '{cached[0]}' (selected by parameters='{self.parameters}'): "
+                            "it is inside the cached part")
         pl_module.click_hooks.append(self.on_click)
 
     def teardown(self, trainer, pl_module, stage) -> None:
@@ -105,7 +114,7 @@ class ImageAdaptation(_Adaptation):
         self.optimizer = torch.optim.Adam(self.params.values(), lr=self.lr)
 
     def on_click(self, predictor, clicks: torch.Tensor) -> None:
-        predictor.cache_encoder = self.cache_encoder
+        predictor.cache = self.cache
         with torch.enable_grad():
             for _ in range(self.steps):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -156,7 +165,7 @@ class SequenceAdaptation(_Adaptation):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         predictor = pl_module.current_predictor
         clicks = predictor.net_clicks(outputs.clicks)
-        predictor.cache_encoder = False
+        predictor.cache = "none"
         with torch.enable_grad():
             self.optimizer.zero_grad(set_to_none=True)
             self._loss(predictor.logits(self.guidance(clicks)), clicks, predictor.previous).backward()

@@ -101,8 +101,11 @@ class DeepLabV3Plus(nn.Module):
         return self.decoder(torch.cat([context, self.low_proj(low)], dim=1))
 
     def decode(self, feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        logits = self.head(self.decode_features(feats))
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return self.predict_head(self.decode_features(feats), size)
+
+    def predict_head(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The 1x1 classifier on decoder features, upsampled to ``size``."""
+        return F.interpolate(self.head(features), size=size, mode="bilinear", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Foreground logits ``(B, 1, H, W)`` at the input resolution."""

@@ -185,8 +185,9 @@ class ImagePredictor:
     at the original resolution. ``hooks`` run first on every click with the clicks at network
     resolution: that is where image adaptation takes its gradient steps. ``previous`` keeps the
     last prediction (network resolution) as the target of Eq. 4's second term.
-    With ``cache_encoder`` the encoder runs once per click and its features are reused, for
-    adaptation that changes the decoder only.
+    With ``cache`` set, the frozen part of the network runs once per click and its output is
+    reused by every adaptation step: ``encoder`` when only the decoder adapts, ``decoder`` when
+    only the 1x1 head does.
     """
 
     def __init__(self, module: InteractiveSegmentationModule, image: torch.Tensor, net_hw: tuple[int, int]):
@@ -196,26 +197,33 @@ class ImagePredictor:
         self.net_image = F.interpolate(image, size=net_hw, mode="bilinear", align_corners=False) if net_hw != self.hw else image
         self.hooks: list[Callable[[ImagePredictor, torch.Tensor], None]] = []
         self.previous: torch.Tensor | None = None  # (1, 1, h, w) probabilities at network resolution
-        self.cache_encoder = False
-        self._cache: tuple[bytes, list[torch.Tensor]] | None = None
+        self.cache: Literal["none", "encoder", "decoder"] = "none"
+        self._cache: tuple[bytes, list[torch.Tensor] | torch.Tensor] | None = None
 
     def net_clicks(self, clicks: list[Click]) -> torch.Tensor:
         """Clicks as a ``(1, N, 3)`` tensor in network coordinates."""
         return scale_clicks(clicks_to_tensor(clicks)[None].to(self.net_image.device), self.hw, self.net_hw)
 
-    def encoder_features(self, clicks: torch.Tensor) -> list[torch.Tensor]:
+    def _frozen_features(self, clicks: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        """What the adapted layers take as input, computed once per click set when cached:
+        encoder features (``cache='encoder'``) or decoder features (``cache='decoder'``)."""
         net = self.module.net
-        if not self.cache_encoder:
-            return net.encode(self.module.network_input(self.net_image, clicks))
         key = clicks.cpu().numpy().tobytes()
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                self._cache = (key, net.encode(self.module.network_input(self.net_image, clicks)))
+                feats = net.encode(self.module.network_input(self.net_image, clicks))
+                self._cache = (key, net.decode_features(feats) if self.cache == "decoder" else feats)
         return self._cache[1]
 
     def logits(self, clicks: torch.Tensor) -> torch.Tensor:
         """Logits ``(1, 1, h, w)`` at network resolution (differentiable unless under no_grad)."""
-        return self.module.net.decode(self.encoder_features(clicks), self.net_hw)
+        net = self.module.net
+        if self.cache == "none":
+            return net(self.module.network_input(self.net_image, clicks))
+        feats = self._frozen_features(clicks)
+        if self.cache == "decoder":
+            return net.predict_head(feats, self.net_hw)
+        return net.decode(feats, self.net_hw)
 
     def __call__(self, clicks: list[Click]) -> np.ndarray:
         c = self.net_clicks(clicks)
