@@ -10,7 +10,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv demo train-init benchmark tune test clean
+.PHONY: help venv demo train-init benchmark adapt adapt-sequence tune test clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,12 @@ train-init: $(STAMP) ## train (or resume) the initial model and its MAS importan
 
 benchmark: $(STAMP) ## NoC / mIoU@k benchmark of CKPT -> runs/benchmark/{results.json,per_object_iou.csv,miou_vs_clicks.png}
 	$(PY) -m lightning_app benchmark --config configs/benchmark.yaml --ckpt $(CKPT) --out_dir $(BENCH_OUT) $(ARGS)
+
+adapt: $(STAMP) ## fixed vs IA / SA / IA+SA / decoder-only IA on source and targets -> runs/adapt/
+	$(PY) -m lightning_app benchmark --config configs/benchmark_adapt.yaml --ckpt $(CKPT) $(ARGS)
+
+adapt-sequence: $(STAMP) ## SA stability on a 500-image fundus sequence -> runs/benchmark_sequence/
+	$(PY) -m lightning_app benchmark --config configs/benchmark_sequence.yaml --ckpt $(CKPT) $(ARGS)
 
 tune: $(STAMP) ## choose adaptation hyperparameters on the tuning domain (cells) -> runs/tune/results.json
 	$(PY) -m lightning_app benchmark --config configs/tune.yaml --ckpt $(CKPT) $(ARGS)

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from modules.adaptation import adaptation_loss, mas_penalty, select_parameters
+from modules.adaptation import adaptation_loss, add_mas_gradient, select_parameters
 from modules.errors import UserError
 
 
@@ -65,10 +65,12 @@ class _Adaptation(pl.Callback):
         # theta*: the weights the checkpoint came with (MAS pulls towards them)
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
 
-    def _loss(self, logits: torch.Tensor, clicks: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-        penalty = mas_penalty(self.params, self.anchor, self.importance) if self.importance is not None else None
+    def _backward(self, logits: torch.Tensor, clicks: torch.Tensor, previous: torch.Tensor | None) -> None:
+        """Gradients of Eq. 4 into the adapted parameters (the MAS term added analytically)."""
         prev_mask = None if previous is None else (previous > 0.5).float()
-        return adaptation_loss(logits, clicks, prev_mask, self.lam, penalty, self.gamma)
+        adaptation_loss(logits, clicks, prev_mask, self.lam).backward()
+        if self.importance is not None:
+            add_mas_gradient(self.params, self.anchor, self.importance, self.gamma)
 
 
 class ImageAdaptation(_Adaptation):
@@ -118,7 +120,7 @@ class ImageAdaptation(_Adaptation):
         with torch.enable_grad():
             for _ in range(self.steps):
                 self.optimizer.zero_grad(set_to_none=True)
-                self._loss(predictor.logits(clicks), clicks, predictor.previous).backward()
+                self._backward(predictor.logits(clicks), clicks, predictor.previous)
                 self.optimizer.step()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -168,7 +170,7 @@ class SequenceAdaptation(_Adaptation):
         predictor.cache = "none"
         with torch.enable_grad():
             self.optimizer.zero_grad(set_to_none=True)
-            self._loss(predictor.logits(self.guidance(clicks)), clicks, predictor.previous).backward()
+            self._backward(predictor.logits(self.guidance(clicks)), clicks, predictor.previous)
             if self.synchronize and dist.is_available() and dist.is_initialized():
                 world = dist.get_world_size()
                 for p in self.params.values():

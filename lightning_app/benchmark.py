@@ -22,7 +22,7 @@ from lightning_app import report
 from lightning_app.checkpoints import file_digest, load_module
 from lightning_app.importance import attach_importance
 from modules.errors import UserError
-from modules.metrics import summarize
+from modules.metrics import sequence_drift, summarize
 
 ADAPT_DIR = Path(__file__).resolve().parents[1] / "configs" / "adapt"
 
@@ -108,6 +108,7 @@ def run_benchmark(
                 continue
             entry = summarize(ious, iou_thresholds, max_clicks)
             entry["seconds_per_click"] = float(np.mean(seconds))
+            entry["iou_at_k_first_last"] = sequence_drift(ious, click=min(4, max_clicks))
             results["results"].setdefault(ds.name, {})[variant] = entry
             rows += report.object_rows(ds.name, variant, names, ious)
             report.write_rows(out, rows, max_clicks)

@@ -51,30 +51,40 @@ def object_rows(dataset: str, variant: str, names: list[str], ious: np.ndarray) 
     return [[dataset, variant, n] + [f"{v:.5f}" for v in row] for n, row in zip(names, ious)]
 
 
-def plot_miou(out_dir: Path, results: dict) -> Path:
-    """One panel per dataset, one line per variant: mIoU after k clicks."""
+Line = tuple[np.ndarray, np.ndarray, str]
+
+
+def save_panels(path: Path, panels: dict[str, list[Line]], xlabel: str, ylabel: str, marker: str | None = None) -> Path:
+    """One panel per title, one line per ``(x, y, label)``, IoU axis 0..1, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = list(results["results"])
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
-        for variant, r in results["results"][ds].items():
-            curve = r["miou_at_click"]
-            ax.plot(range(1, len(curve) + 1), curve, marker=".", label=f"{variant} (NoC@90 {r['noc']['90']:.2f})")
-        ax.set_title(ds)
-        ax.set_xlabel("clicks")
-        ax.set_ylabel("mIoU")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        for x, y, label in lines:
+            ax.plot(x, y, marker=marker, label=label)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path = out_dir / PLOT
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)
     return path
+
+
+def plot_miou(out_dir: Path, results: dict) -> Path:
+    """One panel per dataset, one line per variant: mIoU after k clicks."""
+    panels = {
+        ds: [(np.arange(1, len(r["miou_at_click"]) + 1), np.asarray(r["miou_at_click"]),
+              f"{variant} (NoC@90 {r['noc']['90']:.2f})") for variant, r in variants.items()]
+        for ds, variants in results["results"].items()
+    }
+    return save_panels(out_dir / PLOT, panels, "clicks", "mIoU", marker=".")
 
 
 CURVE = "iou_at_k_vs_images.png"
@@ -98,28 +108,11 @@ def running_mean(values: np.ndarray, window: int) -> np.ndarray:
 
 def plot_sequence(out_dir: Path, rows: list[list], click: int = 4, window: int = 20) -> Path:
     """IoU@``click`` against the number of images processed (paper A, fig. 3b / 5 right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = iou_at_click_by_order(rows, click)
-    datasets = list(dict.fromkeys(ds for ds, _ in curves))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
-        for (d, variant), values in curves.items():
-            if d == ds:
-                ax.plot(np.arange(1, len(values) + 1), running_mean(values, window), label=variant)
-        ax.set_title(f"{ds}: IoU@{click} (mean of last {window})")
-        ax.set_xlabel("images processed")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = out_dir / CURVE
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
-    plt.close(fig)
-    return path
+    panels: dict[str, list[Line]] = {}
+    for (ds, variant), values in iou_at_click_by_order(rows, click).items():
+        line = (np.arange(1, len(values) + 1), running_mean(values, window), variant)
+        panels.setdefault(f"{ds}: IoU@{click} (mean of last {window})", []).append(line)
+    return save_panels(out_dir / CURVE, panels, "images processed", f"IoU@{click}")
 
 
 def results_table(results: dict) -> Table:

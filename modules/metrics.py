@@ -57,3 +57,12 @@ def summarize(
         "miou_at_click": miou_at_click(ious[:, :max_clicks]),
         "n_objects": int(ious.shape[0]),
     }
+
+
+def sequence_drift(ious: np.ndarray, click: int = 4, window: int = 100) -> dict:
+    """Mean IoU after ``click`` clicks over the first and the last ``window`` objects of a
+    sequence (``window`` shrinks to half the sequence when it is shorter): whether sequence
+    adaptation keeps improving or degrades over a long sequence."""
+    values = np.asarray(ious, dtype=float)[:, click - 1]
+    w = max(1, min(window, len(values) // 2))
+    return {"click": click, "window": w, "first": float(values[:w].mean()), "last": float(values[-w:].mean())}

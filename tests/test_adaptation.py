@@ -174,3 +174,55 @@ def test_head_only_adaptation_on_cached_decoder_features():
     assert loss_after < loss_before
     after = weights(m)
     assert {n for n in before if not torch.equal(before[n], after[n])} == {"net.head.weight", "net.head.bias"}
+
+
+def test_analytic_mas_gradient_equals_autograd():
+    from modules.adaptation import add_mas_gradient
+
+    m = small_module()
+    params = select_parameters(m, r"net\.head\.")
+    anchor = {n: p.detach().clone() + 0.05 for n, p in params.items()}
+    importance = {n: torch.rand_like(p) for n, p in params.items()}
+    (1.5 * mas_penalty(params, anchor, importance)).backward()
+    autograd = {n: p.grad.clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    add_mas_gradient(params, anchor, importance, gamma=1.5)
+    for n, p in params.items():
+        assert torch.allclose(p.grad, autograd[n], atol=1e-6)
+
+
+def test_benchmark_runs_all_variants_side_by_side(tiny_ckpt_with_importance, tmp_path):
+    from lightning_app.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--config", str(ROOT / "configs/benchmark.yaml"), "--ckpt", str(tiny_ckpt_with_importance),
+                 "--out_dir", str(out), "--variants", "[fixed, ia, sa, ia_sa, ia_decoder, ia_head]", "--max_clicks", "3",
+                 "--data.test_domains", "[fundus]", "--data.test_length", "2", "--data.image_size", "64",
+                 "--data.num_workers", "0"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["results"]["fundus"]) == ["fixed", "ia", "sa", "ia_sa", "ia_decoder", "ia_head"]
+    assert (out / "iou_at_k_vs_images.png").is_file()
+    fixed, ia = results["results"]["fundus"]["fixed"], results["results"]["fundus"]["ia"]
+    assert ia["seconds_per_click"] > fixed["seconds_per_click"]  # IA's gradient steps are timed per click
+
+
+@pytest.mark.parametrize("synchronize", [False, True])
+def test_ddp_two_cpu_processes(tiny_ckpt_with_importance, tmp_path, synchronize):
+    adapt = tmp_path / "adapt"
+    adapt.mkdir()
+    (adapt / "sa.yaml").write_text(
+        "callbacks:\n  - class_path: callbacks.adaptation.SequenceAdaptation\n"
+        f"    init_args: {{lr: 1.0e-3, synchronize: {str(synchronize).lower()}}}\n")
+    out = tmp_path / "bench"
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "lightning_app", "benchmark", "--ckpt", str(tiny_ckpt_with_importance),
+                        "--out_dir", str(out), "--variants", "[sa]", "--adapt_dir", str(adapt), "--max_clicks", "4",
+                        "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+                        "--data.test_domains", "[fundus]", "--data.test_length", "5", "--data.image_size", "64",
+                        "--data.num_workers", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["results"]["fundus"]["sa"]["n_objects"] == 5  # both ranks' shares, padding dropped
+    rows = (out / "per_object_iou.csv").read_text().splitlines()[1:]
+    assert sorted(int(r.split(",")[2].rsplit("/", 1)[1]) for r in rows) == [0, 1, 2, 3, 4]

@@ -44,3 +44,12 @@ def test_summarize_schema():
     assert len(s["miou_at_click"]) == 20 and s["n_objects"] == 5
     with pytest.raises(ValueError):
         summarize(ious[:, :10])
+
+
+def test_sequence_drift_windows():
+    from modules.metrics import sequence_drift
+
+    ious = np.zeros((10, 5))
+    ious[:, 3] = np.arange(10) / 10  # IoU@4 grows along the sequence
+    d = sequence_drift(ious, click=4, window=100)  # shrinks to 5
+    assert d == {"click": 4, "window": 5, "first": pytest.approx(0.2), "last": pytest.approx(0.7)}
