@@ -55,7 +55,7 @@ class _Adaptation(pl.Callback):
             p.requires_grad_(True)
         self.importance = None
         if self.gamma > 0:
-            importance = getattr(pl_module, "mas_importance", None)
+            importance = pl_module.mas_importance
             if importance is None:
                 raise UserError(
                     "MAS importance missing for this checkpoint: compute it with "

@@ -94,6 +94,7 @@ class InteractiveSegmentationModule(pl.LightningModule):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.click_hooks: list[Callable[["ImagePredictor", torch.Tensor], None]] = []  # test-time adaptation
         self.current_predictor: ImagePredictor | None = None
+        self.mas_importance: dict[str, torch.Tensor] | None = None  # set from <ckpt>.mas.pt for adaptation
         self.train_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
         self.val_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
 
@@ -112,8 +113,7 @@ class InteractiveSegmentationModule(pl.LightningModule):
     def _add_iterative_clicks(self, batch: dict) -> torch.Tensor:
         """Stage (b): predict, add the simulated next click, repeat 0..max times."""
         clicks = batch["clicks"].clone()
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        if self.global_step < self.hparams.iterative_start * total or self.hparams.max_iterative_clicks == 0:
+        if self.global_step < self.hparams.iterative_start * self._total_steps() or self.hparams.max_iterative_clicks == 0:
             return clicks
         rounds = int(np.random.randint(0, self.hparams.max_iterative_clicks + 1))
         if rounds == 0:
@@ -129,7 +129,7 @@ class InteractiveSegmentationModule(pl.LightningModule):
                     free = (clicks[b, :, 2] == 0).nonzero()
                     click = next_click(pred[b], gt[b], ignore[b])
                     if click is not None and len(free):
-                        clicks[b, free[0, 0]] = torch.tensor([click.y, click.x, 1.0 if click.positive else -1.0])
+                        clicks[b, free[0, 0]] = clicks_to_tensor([click])[0]
         self.train(was_training)
         return clicks
 
@@ -151,16 +151,21 @@ class InteractiveSegmentationModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, batch["clicks"], self.val_iou, "val")
 
+    def _total_steps(self) -> int:
+        """Length of training in optimizer steps (the schedule and stage (b) depend on it)."""
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("set trainer.max_steps or max_epochs: the polynomial schedule needs a length")
+        return int(total)
+
     def configure_optimizers(self):
         h = self.hparams
         if h.optimizer == "sgd":
             opt = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
         else:
             opt = torch.optim.AdamW(self.parameters(), lr=h.lr, betas=(h.momentum, 0.999), weight_decay=h.weight_decay)
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("set trainer.max_steps or max_epochs: the polynomial schedule needs a length")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: poly_lr_factor(s, int(total), h.poly_power))
+        total = self._total_steps()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: poly_lr_factor(s, total, h.poly_power))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- evaluation at original resolution ---------------------------------------------------
