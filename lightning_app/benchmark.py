@@ -20,7 +20,7 @@ from callbacks.benchmark import ClickRecorder
 from datamodules.datamodule import InteractiveDataModule
 from lightning_app import report
 from lightning_app.checkpoints import file_digest, load_module
-from lightning_app.importance import attach_importance
+from lightning_app.importance import load_importance
 from modules.errors import UserError
 from modules.metrics import sequence_drift, summarize
 
@@ -80,6 +80,7 @@ def run_benchmark(
         raise UserError(f"iou_thresholds={iou_thresholds}: expected values in (0, 1)")
     out = Path(out_dir)
     module = load_module(ckpt)
+    importance = load_importance(ckpt)
     protocol = {"max_clicks": max_clicks, "iou_thresholds": list(iou_thresholds)}
     model = {"checkpoint": str(ckpt), "sha256_16": file_digest(ckpt), "hparams": dict(module.hparams)}
     data_config = dict(data.hparams)
@@ -102,7 +103,7 @@ def run_benchmark(
             continue
         logger = WandbLogger(project=wandb_project, name=variant, group=group, save_dir=str(out), job_type="benchmark")
         for ds in todo:  # each dataset is its own sequence, starting from the checkpoint's weights
-            names, ious, seconds = _evaluate(ckpt, ds, variant, adapt_dir, max_clicks, logger,
+            names, ious, seconds = _evaluate(ckpt, importance, ds, variant, adapt_dir, max_clicks, logger,
                                              accelerator, devices, strategy, data.hparams.num_workers)
             if names is None:  # not the main process
                 continue
@@ -124,11 +125,11 @@ def run_benchmark(
     return results
 
 
-def _evaluate(ckpt, dataset, variant, adapt_dir, max_clicks, logger, accelerator, devices, strategy, num_workers):
+def _evaluate(ckpt, importance, dataset, variant, adapt_dir, max_clicks, logger, accelerator, devices, strategy, num_workers):
     """One variant on one dataset: (object names, IoUs, per-click seconds), or Nones off rank 0."""
     module = load_module(ckpt)
     module.hparams.eval_max_clicks = max_clicks
-    attach_importance(module, ckpt)
+    module.mas_importance = importance
     recorder = ClickRecorder()
     trainer = pl.Trainer(
         accelerator=accelerator,

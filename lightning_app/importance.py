@@ -17,7 +17,6 @@ from datamodules.datamodule import InteractiveDataModule
 from lightning_app.checkpoints import file_digest, load_module
 from modules.adaptation import mas_importance
 from modules.errors import UserError
-from modules.interactive import InteractiveSegmentationModule
 from modules.io import atomic_write
 
 
@@ -32,13 +31,13 @@ def compute_importance(ckpt: str, samples: int = 200) -> Path:
     if samples < 1:
         raise UserError(f"samples={samples}: expected at least 1")
     path = importance_path(ckpt)
-    module = load_module(ckpt).eval()
-    digest = file_digest(ckpt)
-    if path.exists():
+    digest = file_digest(ckpt) if Path(ckpt).is_file() else None
+    if digest and path.exists():
         old = torch.load(path, map_location="cpu", weights_only=True)
         if old.get("checkpoint_sha256_16") == digest and old.get("samples") == samples:
             print(f"MAS importance of {ckpt} is up to date: {path}")
             return path
+    module = load_module(ckpt).eval()  # a missing or corrupt checkpoint stops here, in one line
     saved = torch.load(ckpt, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters")
     if saved is None:
         raise UserError(f"checkpoint '{ckpt}' has no data config: train it with `python -m lightning_app fit`")
@@ -53,14 +52,14 @@ def compute_importance(ckpt: str, samples: int = 200) -> Path:
     return path
 
 
-def attach_importance(module: InteractiveSegmentationModule, ckpt: str | Path) -> None:
-    """Load ``<ckpt>.mas.pt`` into ``module.mas_importance`` when it exists and matches."""
+def load_importance(ckpt: str | Path) -> dict[str, torch.Tensor] | None:
+    """The importance stored in ``<ckpt>.mas.pt``, ``None`` when there is none; an error when it
+    was computed for another version of the checkpoint."""
     path = importance_path(ckpt)
     if not path.exists():
-        module.mas_importance = None
-        return
+        return None
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("checkpoint_sha256_16") != file_digest(ckpt):
         raise UserError(f"MAS importance '{path}' belongs to another version of '{ckpt}': recompute it with "
                         f"`python -m lightning_app importance --ckpt {ckpt}`")
-    module.mas_importance = payload["importance"]
+    return payload["importance"]

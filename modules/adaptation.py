@@ -53,25 +53,17 @@ def add_mas_gradient(params: dict[str, torch.Tensor], anchor: dict[str, torch.Te
                 p.grad.add_(g)
 
 
-def adaptation_loss(
-    logits: torch.Tensor,
-    clicks: torch.Tensor,
-    previous: torch.Tensor | None,
-    lam: float,
-    penalty: torch.Tensor | None = None,
-    gamma: float = 0.0,
-) -> torch.Tensor:
-    """Eq. 4: ``lam * GCE(corrections) + (1 - lam) * CE(previous prediction) + gamma * L_F``.
+def adaptation_loss(logits: torch.Tensor, clicks: torch.Tensor, previous: torch.Tensor | None, lam: float) -> torch.Tensor:
+    """Eq. 4 without its MAS term: ``lam * GCE(corrections) + (1 - lam) * CE(previous prediction)``.
 
     ``logits`` and ``clicks`` share one resolution; ``previous`` is the binary mask predicted
     before the latest correction (``None`` before the first prediction: the term is dropped).
+    The MAS term ``gamma * L_F`` enters through :func:`add_mas_gradient` (or :func:`mas_penalty`).
     """
     target, valid = correction_targets(clicks, logits.shape[-2:])
     loss = lam * masked_bce(logits, target, valid)
     if previous is not None and lam < 1:
         loss = loss + (1 - lam) * masked_bce(logits, previous.to(logits.dtype))
-    if penalty is not None and gamma:
-        loss = loss + gamma * penalty
     return loss
 
 

@@ -18,7 +18,7 @@ from torchmetrics.classification import BinaryJaccardIndex
 from modules.clicks import Click, clicks_to_tensor, encode_clicks, scale_clicks
 from modules.deeplab import DeepLabV3Plus
 from modules.evaluation import ObjectResult, evaluate_object
-from modules.losses import masked_bce, soft_iou_loss
+from modules.losses import masked_bce
 from modules.simulate import next_click
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -50,8 +50,6 @@ class InteractiveSegmentationModule(pl.LightningModule):
         pretrained: start the encoder from timm's ImageNet weights (needs network).
         click_radius: click disk radius (or Gaussian sigma) in pixels at network resolution.
         click_encoding: ``disk`` (paper A) or ``gaussian``.
-        loss: ``bce`` over all pixels (the paper's Eq. 1), or ``bce+iou`` adding a soft-IoU term
-            per image, which weighs small objects as much as large ones.
         optimizer: ``sgd`` with momentum (the paper's) or ``adamw``.
         lr: learning rate.
         momentum: SGD momentum (AdamW: beta1).
@@ -74,7 +72,6 @@ class InteractiveSegmentationModule(pl.LightningModule):
         pretrained: bool = False,
         click_radius: float = 3.0,
         click_encoding: Literal["disk", "gaussian"] = "disk",
-        loss: Literal["bce", "bce+iou"] = "bce",
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.01,
         momentum: float = 0.9,
@@ -137,8 +134,6 @@ class InteractiveSegmentationModule(pl.LightningModule):
         logits = self(batch["image"], clicks)
         valid = ~batch["ignore"]
         loss = masked_bce(logits, batch["mask"], valid)
-        if self.hparams.loss == "bce+iou":
-            loss = loss + soft_iou_loss(logits, batch["mask"], valid)
         target = batch["mask"].long().masked_fill(~valid, IGNORE_INDEX)
         metric(logits.detach().sigmoid(), target)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(logits))
@@ -213,7 +208,7 @@ class ImagePredictor:
         """What the adapted layers take as input, computed once per click set when cached:
         encoder features (``cache='encoder'``) or decoder features (``cache='decoder'``)."""
         net = self.module.net
-        key = clicks.cpu().numpy().tobytes()
+        key = self.cache.encode() + clicks.cpu().numpy().tobytes()
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 feats = net.encode(self.module.network_input(self.net_image, clicks))

@@ -16,15 +16,3 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor |
         return loss.mean()
     valid = valid.expand_as(loss).to(loss.dtype)
     return (loss * valid).sum() / valid.sum().clamp_min(1.0)
-
-
-def soft_iou_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """1 - soft IoU per image, averaged: weighs every object equally whatever its size."""
-    prob = logits.sigmoid()
-    target = target.to(prob.dtype)
-    if valid is not None:
-        v = valid.expand_as(prob).to(prob.dtype)
-        prob, target = prob * v, target * v
-    inter = (prob * target).flatten(1).sum(1)
-    union = (prob + target - prob * target).flatten(1).sum(1)
-    return (1 - inter / union.clamp_min(1e-6)).mean()

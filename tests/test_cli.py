@@ -19,9 +19,10 @@ def run_cli(*args, timeout=180):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_fast_dev_run():
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fast_dev_run(optimizer):
     assert main(["fit", "--config", str(ROOT / "configs/train_init.yaml"),
-                 "--config", str(ROOT / "configs/debug/fdr.yaml"), *TINY_DATA]) == 0
+                 "--config", str(ROOT / "configs/debug/fdr.yaml"), "--model.optimizer", optimizer, *TINY_DATA]) == 0
 
 
 def test_checkpoint_carries_the_full_config(tiny_ckpt):
