@@ -6,11 +6,16 @@ PYTHON ?= python3
 STAMP := $(VENV)/.installed
 CKPT ?= runs/train_init/checkpoints/last.ckpt
 BENCH_OUT ?= runs/benchmark
+SHARED_DATA ?= ../shared/data
+BSDS_CKPT ?= runs/train_bsds/checkpoints/last.ckpt
+export BSDS_ROOT ?= $(SHARED_DATA)/BSDS500
+export GRABCUT_ROOT ?= $(SHARED_DATA)/GrabCut
+export BERKELEY_ROOT ?= $(SHARED_DATA)/Berkeley
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv demo train-init benchmark adapt adapt-sequence tune test clean
+.PHONY: help venv demo train-init benchmark adapt adapt-sequence tune train-bsds benchmark-real test clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +47,13 @@ adapt-sequence: $(STAMP) ## SA stability on a 500-image fundus sequence -> runs/
 
 tune: $(STAMP) ## choose adaptation hyperparameters on the tuning domain (cells) -> runs/tune/results.json
 	$(PY) -m lightning_app benchmark --config configs/tune.yaml --ckpt $(CKPT) $(ARGS)
+
+train-bsds: $(STAMP) ## train (or resume) the real-photo initial model on BSDS500 regions (~30 min) -> runs/train_bsds/
+	$(PY) -m lightning_app fit --config configs/train_bsds.yaml --ckpt_path last $(ARGS)
+	$(PY) -m lightning_app importance --ckpt $(BSDS_CKPT)
+
+benchmark-real: $(STAMP) ## every variant of the BSDS model on GrabCut and Berkeley -> runs/benchmark_real/
+	$(PY) -m lightning_app benchmark --config configs/benchmark_real.yaml --ckpt $(BSDS_CKPT) $(ARGS)
 
 test: $(STAMP) ## run the test suite (CPU, a few minutes)
 	WANDB_MODE=disabled $(PY) -m pytest -q tests $(ARGS)

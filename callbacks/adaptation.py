@@ -117,6 +117,9 @@ class ImageAdaptation(_Adaptation):
 
     def on_click(self, predictor, clicks: torch.Tensor) -> None:
         predictor.cache = self.cache
+        if predictor.previous is None and self.lam < 1:  # Algorithm 1's p: the prediction before any click
+            with torch.no_grad():
+                predictor.previous = predictor.logits(clicks[:, :0]).sigmoid()
         with torch.enable_grad():
             for _ in range(self.steps):
                 self.optimizer.zero_grad(set_to_none=True)

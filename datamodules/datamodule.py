@@ -1,86 +1,110 @@
 """LightningDataModule over object sources: training crops, validation, benchmark sets."""
 from __future__ import annotations
 
+from functools import cached_property
+from typing import Any
+
+import numpy as np
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from datamodules.objects import EvalObjects, ObjectSource, TrainObjects
-from datamodules.synthetic import SyntheticObjects
+from datamodules.registry import Concat, build_sources
+from datamodules.streaming import ObjectStream
+
+DataEntry = str | dict[str, Any]
 
 
 class InteractiveDataModule(pl.LightningDataModule):
-    """Streams the embedded procedural domains (see ``datamodules.synthetic``).
+    """Training, validation and benchmark data, each a list of dataset entries.
 
-    Training and validation draw from ``train_domain`` under different seeds; the benchmark
-    (``test``) draws ``test_length`` objects from every domain in ``test_domains`` under
-    ``test_seed``, so the source images it reports are held out from training.
+    An entry names a dataset and its arguments (``datamodules.registry``), e.g.
+    ``{dataset: bsds, root: ../shared/data/BSDS500}``, ``{dataset: coco, split: val,
+    classes: [donut], shuffle: 0}`` or ``{dataset: synthetic, domain: fundus, length: 100,
+    seed: 2}``. Training concatenates its entries (VOC + SBD); the benchmark reports each
+    ``test`` entry as its own dataset, in order. The defaults are the embedded procedural
+    domains: training and validation on ``source`` under different seeds, the benchmark on
+    held-out ``source`` scenes and the two target domains.
 
     Args:
-        train_domain: domain the initial model is trained on.
-        train_length: scenes per training epoch (drawn lazily, never stored).
-        val_length: validation objects.
-        test_domains: domains the benchmark evaluates, in order.
-        test_length: objects per benchmark domain.
-        image_size: side of the rendered images.
+        train: datasets the model is trained on (concatenated).
+        val: datasets validated on during training (concatenated).
+        test: datasets the benchmark evaluates, each reported under its name.
         crop_size: side of the training crops.
+        train_max_side: photos are brought to this long side before cropping (match the
+            model's ``eval_max_side``); ``None`` for images already at the network's size.
         batch_size: training batch size.
         num_workers: dataloader worker processes.
-        min_area: objects smaller than this (pixels) are not used as targets.
+        min_area: objects smaller than this (pixels) are skipped (and counted).
         max_positive: at most this many random positive clicks per training sample.
         max_negative: at most this many random negative clicks per training sample.
         click_capacity: click slots per training sample (random + iterative clicks).
+        seed: seed of the training stream's order (a new permutation every epoch).
     """
 
     def __init__(
         self,
-        train_domain: str = "source",
-        train_length: int = 20000,
-        val_length: int = 64,
-        test_domains: list[str] = ["source", "fundus", "rooftop"],  # noqa: B006 (jsonargparse needs a literal default)
-        test_length: int = 100,
-        image_size: int = 128,
+        train: list[DataEntry] = [{"dataset": "synthetic", "domain": "source", "length": 20000, "seed": 0}],  # noqa: B006
+        val: list[DataEntry] = [{"dataset": "synthetic", "domain": "source", "length": 64, "seed": 1}],  # noqa: B006
+        test: list[DataEntry] = [  # noqa: B006 (jsonargparse needs literal defaults)
+            {"dataset": "synthetic", "domain": "source", "length": 100, "seed": 2},
+            {"dataset": "synthetic", "domain": "fundus", "length": 100, "seed": 2},
+            {"dataset": "synthetic", "domain": "rooftop", "length": 100, "seed": 2},
+        ],
         crop_size: int = 128,
+        train_max_side: int | None = None,
         batch_size: int = 8,
         num_workers: int = 1,
-        train_seed: int = 0,
-        val_seed: int = 1,
-        test_seed: int = 2,
         min_area: int = 64,
         max_positive: int = 5,
         max_negative: int = 5,
         click_capacity: int = 16,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
 
-    def _source(self, domain: str, length: int, seed: int) -> ObjectSource:
-        return SyntheticObjects(domain, length, seed, self.hparams.image_size, self.hparams.min_area)
+    # sources are opened (their index built) on first use, once per process
+    @cached_property
+    def train_source(self) -> ObjectSource:
+        return Concat(build_sources(self.hparams.train, "data.train", self.hparams.min_area))
+
+    @cached_property
+    def val_source(self) -> ObjectSource:
+        return Concat(build_sources(self.hparams.val, "data.val", self.hparams.min_area))
+
+    @cached_property
+    def test_sources(self) -> list[ObjectSource]:
+        return build_sources(self.hparams.test, "data.test", self.hparams.min_area)
 
     def _train_view(self, source: ObjectSource, augment: bool) -> TrainObjects:
         h = self.hparams
-        return TrainObjects(source, h.crop_size, h.max_positive, h.max_negative, h.click_capacity, augment=augment)
+        return TrainObjects(source, h.crop_size, h.max_positive, h.max_negative, h.click_capacity, augment=augment,
+                            max_side=h.train_max_side)
 
-    def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, drop_last: bool = False) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                          persistent_workers=workers > 0, drop_last=shuffle)
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
+                          drop_last=drop_last)
 
     def train_dataloader(self) -> DataLoader:
-        h = self.hparams
-        return self._loader(self._train_view(self._source(h.train_domain, h.train_length, h.train_seed), True), True, h.batch_size)
+        """A stream: a new seeded order every epoch, each object once per epoch across ranks and
+        workers (``datamodules.streaming``)."""
+        stream = ObjectStream(self._train_view(self.train_source, True), seed=self.hparams.seed)
+        return self._loader(stream, self.hparams.batch_size, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        h = self.hparams
-        return self._loader(self._train_view(self._source(h.train_domain, h.val_length, h.val_seed), False), False, h.batch_size)
+        return self._loader(self._train_view(self.val_source, False), self.hparams.batch_size)
 
-    def importance_dataset(self, length: int) -> TrainObjects:
-        """Unaugmented training-domain samples with simulated clicks (for MAS importance)."""
-        h = self.hparams
-        return self._train_view(self._source(h.train_domain, length, h.train_seed), False)
+    def importance_dataset(self, length: int) -> Subset:
+        """``length`` unaugmented training objects (a seeded choice) with simulated clicks,
+        for MAS importance."""
+        view = self._train_view(self.train_source, False)
+        pick = np.random.default_rng(0).permutation(len(view))[:length] if length < len(view) else np.arange(len(view))
+        return Subset(view, pick.tolist())
 
     def test_datasets(self) -> list[EvalObjects]:
-        h = self.hparams
-        return [EvalObjects(self._source(d, h.test_length, h.test_seed)) for d in h.test_domains]
+        return [EvalObjects(s) for s in self.test_sources]
 
     def test_dataloader(self) -> list[DataLoader]:
         return [DataLoader(ds, batch_size=1, num_workers=self.hparams.num_workers) for ds in self.test_datasets()]

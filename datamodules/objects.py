@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -26,6 +27,7 @@ class Sample:
     ignore: np.ndarray  # H, W bool, pixels that count neither way
     instances: np.ndarray | None  # H, W int, other objects (> 0) for negative clicks
     name: str
+    class_id: int = -1  # the dataset's class of the object, -1 when it has none
 
 
 class ObjectSource(Protocol):
@@ -36,16 +38,37 @@ class ObjectSource(Protocol):
     def get_sample(self, index: int) -> Sample: ...
 
 
-def train_transform(crop: int) -> A.Compose:
-    """Scale/rotate, flip and colour jitter; masks follow the image exactly."""
-    return A.Compose(
-        [
-            A.Affine(scale=(0.75, 1.35), rotate=(-25, 25), translate_percent=(-0.1, 0.1), p=0.8),
-            A.HorizontalFlip(),
-            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.8),
-            A.RandomResizedCrop(size=(crop, crop), scale=(0.6, 1.0), ratio=(0.8, 1.25), p=1.0),
-        ]
-    )
+def train_transform(crop: int, max_side: int | None = None) -> A.Compose:
+    """Scale/rotate, flip and colour jitter; masks follow the image exactly.
+
+    Without ``max_side`` (images drawn at the network's size) a random resized crop of
+    ``crop`` px ends the pipeline. With it (photos of any size), the image is first brought
+    to the evaluation scale (long side ``max_side``, as ``eval_max_side`` does at test time)
+    and padded to at least ``crop``; the crop around the object follows (:func:`object_window`).
+    """
+    common = [
+        A.Affine(scale=(0.75, 1.35), rotate=(-25, 25), translate_percent=(-0.1, 0.1), p=0.8),
+        A.HorizontalFlip(),
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.8),
+    ]
+    if max_side is None:
+        return A.Compose([*common, A.RandomResizedCrop(size=(crop, crop), scale=(0.6, 1.0), ratio=(0.8, 1.25), p=1.0)])
+    return A.Compose([A.LongestMaxSize(max_side), *common,
+                      A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)])
+
+
+def object_window(mask: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[slice, slice]:
+    """A random ``crop x crop`` window of an image at least that large that contains a random
+    pixel of ``mask`` (anywhere in the window), or a random window when the mask is empty."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    if len(ys):
+        k = rng.integers(len(ys))
+        y0 = rng.integers(max(0, ys[k] - crop + 1), min(ys[k], h - crop) + 1)
+        x0 = rng.integers(max(0, xs[k] - crop + 1), min(xs[k], w - crop) + 1)
+    else:
+        y0, x0 = rng.integers(h - crop + 1), rng.integers(w - crop + 1)
+    return slice(int(y0), int(y0) + crop), slice(int(x0), int(x0) + crop)
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -57,6 +80,7 @@ class TrainObjects(Dataset):
     """Augmented crops with stage-(a) simulated clicks, ready to batch.
 
     ``click_capacity`` reserves room for iterative clicks added in the training step.
+    ``max_side`` selects the pipeline for photos of any size (see :func:`train_transform`).
     """
 
     def __init__(
@@ -67,11 +91,15 @@ class TrainObjects(Dataset):
         max_negative: int = 5,
         click_capacity: int = 16,
         augment: bool = True,
+        max_side: int | None = None,
     ):
         self.source = source
         self.augment = augment
-        self.resize = A.Compose([A.Resize(crop, crop)])
-        self.transform = train_transform(crop) if augment else self.resize
+        self.crop = crop
+        self.max_side = max_side
+        self.resize = A.Compose([A.Resize(crop, crop)] if max_side is None else [
+            A.LongestMaxSize(max_side), A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)])
+        self.transform = train_transform(crop, max_side) if augment else self.resize
         self.max_positive = max_positive
         self.max_negative = max_negative
         self.click_capacity = click_capacity
@@ -87,7 +115,10 @@ class TrainObjects(Dataset):
         masks = [s.mask.astype(np.uint8), s.ignore.astype(np.uint8), inst]
         for transform in [self.transform] * 5 + [self.resize]:  # small objects can be cropped away
             out = transform(image=s.image, masks=masks)
-            mask, ignore, instances = (np.asarray(m) for m in out["masks"])
+            image, (mask, ignore, instances) = out["image"], (np.asarray(m) for m in out["masks"])
+            if self.max_side is not None:  # the crop around the object
+                window = object_window(mask > 0, self.crop, rng)
+                image, mask, ignore, instances = (a[window] for a in (image, mask, ignore, instances))
             if (mask > 0).sum() >= 16:
                 break
         if not mask.any():
@@ -96,7 +127,7 @@ class TrainObjects(Dataset):
         clicks = sample_initial_clicks(mask, rng, instances=instances, ignore=ignore > 0,
                                        max_positive=self.max_positive, max_negative=self.max_negative)
         return {
-            "image": image_to_tensor(out["image"]),
+            "image": image_to_tensor(image),
             "mask": torch.from_numpy(mask)[None].float(),
             "ignore": torch.from_numpy(ignore > 0)[None],
             "clicks": clicks_to_tensor(clicks, self.click_capacity),

@@ -11,9 +11,12 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import warnings
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")  # no network here; `wandb sync` later
+# the training stream shards itself across workers (datamodules/streaming.py), as this warns to
+warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
 
 from jsonargparse import ActionConfigFile, ArgumentParser  # noqa: E402
 from pytorch_lightning.cli import LightningCLI  # noqa: E402

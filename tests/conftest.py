@@ -12,8 +12,13 @@ sys.path.insert(0, str(ROOT))
 
 # small enough for 2 CPU cores: 64 px images, narrow decoder, a few steps
 TINY_MODEL = ["--model.backbone", "resnet10t", "--model.aspp_channels", "32", "--model.decoder_channels", "32"]
-TINY_DATA = ["--data.image_size", "64", "--data.crop_size", "64", "--data.batch_size", "2", "--data.num_workers", "0",
-             "--data.val_length", "4", "--data.min_area", "16"]
+def synthetic(domain: str, length: int, seed: int = 2) -> str:
+    """A data entry of 64 px synthetic scenes (CLI syntax)."""
+    return f"{{dataset: synthetic, domain: {domain}, length: {length}, seed: {seed}, size: 64}}"
+
+
+TINY_DATA = ["--data.train", f"[{synthetic('source', 200, 0)}]", "--data.val", f"[{synthetic('source', 4, 1)}]",
+             "--data.crop_size", "64", "--data.batch_size", "2", "--data.num_workers", "0", "--data.min_area", "16"]
 
 
 def tiny_fit_args(root: Path, steps: int = 3) -> list[str]:

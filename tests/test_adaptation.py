@@ -7,7 +7,7 @@ import sys
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT
+from conftest import ROOT, synthetic
 from torch.utils.data import DataLoader
 
 from callbacks.adaptation import ImageAdaptation, SequenceAdaptation
@@ -94,6 +94,30 @@ def test_image_adaptation_turns_corrections_into_constraints():
     clicks = [Click(20, 20, True), Click(40, 44, False), Click(10, 50, True)]
     prob = predictor(clicks)
     assert prob[20, 20] > 0.5 and prob[10, 50] > 0.5 and prob[40, 44] < 0.5
+
+
+def test_first_click_keeps_the_prediction_before_any_click_when_lam_below_one():
+    """Algorithm 1 predicts p before the first correction; with lam < 1 Eq. 4 keeps it."""
+    m = small_module()
+    image = torch.rand(1, 3, 64, 64)
+    for lam, expect_previous in ((1.0, False), (0.5, True)):
+        ia = ImageAdaptation(steps=1, lr=1e-3, lam=lam, gamma=0.0)
+        ia.setup(None, m, "test")
+        ia.on_test_batch_start(None, m, None, 0)
+        predictor = m.predictor(image)
+        with torch.no_grad():
+            no_clicks = predictor.logits(predictor.net_clicks([])).sigmoid()
+        predictor.on_first = None
+
+        def spy(p, clicks):
+            predictor.on_first = None if p.previous is None else p.previous.clone()
+
+        predictor.hooks = [ia.on_click, spy]
+        predictor([Click(20, 20, True)])
+        assert (predictor.on_first is not None) == expect_previous
+        if expect_previous:
+            assert torch.allclose(predictor.on_first, no_clicks)
+        ia.on_test_batch_end(None, m, None, None, 0)
 
 
 def test_ia_resets_per_image_sa_carries_over():
@@ -198,7 +222,7 @@ def test_benchmark_runs_all_variants_side_by_side(tiny_ckpt_with_importance, tmp
     out = tmp_path / "bench"
     assert main(["benchmark", "--config", str(ROOT / "configs/benchmark.yaml"), "--ckpt", str(tiny_ckpt_with_importance),
                  "--out_dir", str(out), "--variants", "[fixed, ia, sa, ia_sa, ia_decoder, ia_head]", "--max_clicks", "3",
-                 "--data.test_domains", "[fundus]", "--data.test_length", "2", "--data.image_size", "64",
+                 "--data.test", f"[{synthetic('fundus', 2)}]",
                  "--data.num_workers", "0"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["results"]["fundus"]) == ["fixed", "ia", "sa", "ia_sa", "ia_decoder", "ia_head"]
@@ -219,7 +243,7 @@ def test_ddp_two_cpu_processes(tiny_ckpt_with_importance, tmp_path, synchronize)
     r = subprocess.run([sys.executable, "-m", "lightning_app", "benchmark", "--ckpt", str(tiny_ckpt_with_importance),
                         "--out_dir", str(out), "--variants", "[sa]", "--adapt_dir", str(adapt), "--max_clicks", "4",
                         "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-                        "--data.test_domains", "[fundus]", "--data.test_length", "5", "--data.image_size", "64",
+                        "--data.test", f"[{synthetic('fundus', 5)}]",
                         "--data.num_workers", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

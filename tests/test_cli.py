@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_DATA, tiny_fit_args
+from conftest import ROOT, TINY_DATA, synthetic, tiny_fit_args
 
 from lightning_app.cli import main
 
-BENCH = ["--data.test_length", "3", "--data.image_size", "64", "--data.num_workers", "0", "--max_clicks", "20"]
+BENCH = ["--data.test", f"[{synthetic('source', 3)}, {synthetic('fundus', 3)}, {synthetic('rooftop', 3)}]",
+         "--data.num_workers", "0", "--max_clicks", "20"]
 
 
 def run_cli(*args, timeout=180):
@@ -29,7 +30,7 @@ def test_checkpoint_carries_the_full_config(tiny_ckpt):
     ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["backbone"] == "resnet10t"
     assert ckpt["hyper_parameters"]["aspp_channels"] == 32
-    assert ckpt["datamodule_hyper_parameters"]["image_size"] == 64
+    assert ckpt["datamodule_hyper_parameters"]["train"][0]["size"] == 64
     assert (tiny_ckpt.parent.parent / "config.yaml").is_file()
 
 
@@ -72,7 +73,7 @@ def test_print_config_is_complete():
     assert "backbone: resnet10t" in r.stdout and "click_radius: 3.0" in r.stdout and "max_steps: 1200" in r.stdout
     r = run_cli("benchmark", "--config", "configs/benchmark.yaml", "--print_config")
     assert r.returncode == 0, r.stderr
-    assert "test_domains:" in r.stdout and "max_clicks: 20" in r.stdout
+    assert "test:" in r.stdout and "max_clicks: 20" in r.stdout
 
 
 @pytest.mark.parametrize(

@@ -58,11 +58,12 @@ def test_eval_view_rejects_empty_masks():
 
 
 def test_datamodule_splits_are_disjoint_and_named():
-    dm = InteractiveDataModule(test_domains=["source", "fundus"], test_length=3, image_size=64, num_workers=0)
+    entries = [{"dataset": "synthetic", "domain": d, "length": 3, "seed": 2, "size": 64} for d in ("source", "fundus")]
+    dm = InteractiveDataModule(test=entries, num_workers=0)
     names = [ds.name for ds in dm.test_datasets()]
     assert names == ["source", "fundus"]
     test_img = dm.test_datasets()[0][0]["image"]
-    train_img = SyntheticObjects("source", 3, dm.hparams.train_seed, 64).get_sample(0).image
+    train_img = SyntheticObjects("source", 3, dm.hparams.train[0]["seed"], 64).get_sample(0).image
     assert not np.allclose(test_img.numpy().transpose(1, 2, 0) * 255, train_img)
 
 

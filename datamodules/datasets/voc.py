@@ -1,0 +1,109 @@
+"""PASCAL VOC 2012 and its SBD augmentation: one sample per object instance, class id kept.
+
+VOC (``root`` = ``VOC2012/``)::
+
+    JPEGImages/<id>.jpg
+    SegmentationObject/<id>.png   palette PNG: 0 background, k instance, 255 void
+    SegmentationClass/<id>.png    palette PNG: class 1..20 per pixel, 255 void
+    ImageSets/Segmentation/{train,val}.txt
+
+SBD (``root`` = ``benchmark_RELEASE/dataset/``)::
+
+    img/<id>.jpg
+    inst/<id>.mat                 GTinst.Segmentation (0 background, k instance),
+                                  GTinst.Categories (class of instance k, 1..20)
+    {train,val}.txt
+
+Combine both by listing both in the data config (``train: [{dataset: voc, ...}, {dataset: sbd, ...}]``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Literal
+
+import numpy as np
+import scipy.io
+from PIL import Image
+
+from datamodules.datasets.base import (
+    IndexedObjects, ObjectRef, Target, instance_areas, others, read_split_list, require_file)
+from modules.errors import UserError
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+VOID = 255
+
+
+def read_palette_png(path: Path) -> np.ndarray:
+    """The palette indices of a VOC PNG (not its colours)."""
+    try:
+        with Image.open(require_file(path, "mask")) as im:
+            return np.array(im)
+    except OSError as e:
+        raise UserError(f"mask '{path}' cannot be decoded (expected a palette PNG): {e}") from e
+
+
+def majority(values: np.ndarray) -> int:
+    vals, counts = np.unique(values, return_counts=True)
+    return int(vals[np.argmax(counts)])
+
+
+class VOCObjects(IndexedObjects):
+    """PASCAL VOC 2012 instances of ``split`` (layout in the module docstring)."""
+
+    name = "voc"
+    class_names = dict(enumerate(VOC_CLASSES))
+
+    def __init__(self, root: str | Path, split: Literal["train", "val", "trainval"] = "train", min_area: int = 0):
+        self.split = split
+        super().__init__(root, min_area)
+
+    def index(self) -> Iterable[ObjectRef]:
+        for image_id in read_split_list(self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt"):
+            inst_path = self.root / "SegmentationObject" / f"{image_id}.png"
+            inst = read_palette_png(inst_path)
+            cls = read_palette_png(self.root / "SegmentationClass" / f"{image_id}.png")
+            if cls.shape != inst.shape:
+                raise UserError(f"mask '{inst_path}' and its SegmentationClass differ in size")
+            for k, area in instance_areas(inst, exclude=(0, VOID)).items():
+                yield ObjectRef(self.root / "JPEGImages" / f"{image_id}.jpg", inst_path, k,
+                                majority(cls[inst == k]), area)
+
+    def target(self, ref: ObjectRef, shape: tuple[int, int]) -> Target:
+        inst = read_palette_png(ref.annotation)
+        mask = inst == ref.key
+        return Target(mask, inst == VOID, others(np.where(inst == VOID, 0, inst), mask))
+
+
+def read_sbd_instances(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(instance map, class of instance k at [k - 1])`` of an SBD ``inst/*.mat``."""
+    try:
+        gt = scipy.io.loadmat(str(require_file(path, "SBD annotation")))["GTinst"][0, 0]
+        return gt["Segmentation"].astype(np.int32), np.asarray(gt["Categories"]).ravel().astype(int)
+    except (ValueError, KeyError, IndexError, TypeError, OSError, scipy.io.matlab.MatReadError) as e:
+        raise UserError(f"SBD annotation '{path}' cannot be read (expected GTinst.Segmentation/Categories): {e}") from e
+
+
+class SBDObjects(IndexedObjects):
+    """SBD instances of ``split`` (layout in the module docstring)."""
+
+    name = "sbd"
+    class_names = dict(enumerate(VOC_CLASSES))
+
+    def __init__(self, root: str | Path, split: Literal["train", "val"] = "train", min_area: int = 0):
+        self.split = split
+        super().__init__(root, min_area)
+
+    def index(self) -> Iterable[ObjectRef]:
+        for image_id in read_split_list(self.root / f"{self.split}.txt"):
+            path = self.root / "inst" / f"{image_id}.mat"
+            inst, categories = read_sbd_instances(path)
+            for k, area in instance_areas(inst, exclude=(0, VOID)).items():
+                if k > len(categories):
+                    raise UserError(f"SBD annotation '{path}': instance {k} has no entry in GTinst.Categories")
+                yield ObjectRef(self.root / "img" / f"{image_id}.jpg", path, k, int(categories[k - 1]), area)
+
+    def target(self, ref: ObjectRef, shape: tuple[int, int]) -> Target:
+        inst, _ = read_sbd_instances(ref.annotation)
+        mask = inst == ref.key
+        return Target(mask, inst == VOID, others(np.where(inst == VOID, 0, inst), mask))
