@@ -38,6 +38,11 @@ class ObjectSource(Protocol):
     def get_sample(self, index: int) -> Sample: ...
 
 
+def pad_to(crop: int) -> A.PadIfNeeded:
+    """Zero padding up to ``crop x crop`` (masks padded with 0: background, not ignore)."""
+    return A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)
+
+
 def train_transform(crop: int, max_side: int | None = None) -> A.Compose:
     """Scale/rotate, flip and colour jitter; masks follow the image exactly.
 
@@ -53,8 +58,7 @@ def train_transform(crop: int, max_side: int | None = None) -> A.Compose:
     ]
     if max_side is None:
         return A.Compose([*common, A.RandomResizedCrop(size=(crop, crop), scale=(0.6, 1.0), ratio=(0.8, 1.25), p=1.0)])
-    return A.Compose([A.LongestMaxSize(max_side), *common,
-                      A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)])
+    return A.Compose([A.LongestMaxSize(max_side), *common, pad_to(crop)])
 
 
 def object_window(mask: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[slice, slice]:
@@ -97,8 +101,7 @@ class TrainObjects(Dataset):
         self.augment = augment
         self.crop = crop
         self.max_side = max_side
-        self.resize = A.Compose([A.Resize(crop, crop)] if max_side is None else [
-            A.LongestMaxSize(max_side), A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)])
+        self.resize = A.Compose([A.Resize(crop, crop)] if max_side is None else [A.LongestMaxSize(max_side), pad_to(crop)])
         self.transform = train_transform(crop, max_side) if augment else self.resize
         self.max_positive = max_positive
         self.max_negative = max_negative

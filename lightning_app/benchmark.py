@@ -80,9 +80,10 @@ def run_benchmark(
         raise UserError(f"iou_thresholds={iou_thresholds}: expected values in (0, 1)")
     out = Path(out_dir)
     module = load_module(ckpt)
-    importance = load_importance(ckpt)
+    digest = file_digest(ckpt)
+    importance = load_importance(ckpt, digest)
     protocol = {"max_clicks": max_clicks, "iou_thresholds": list(iou_thresholds)}
-    model = {"checkpoint": str(ckpt), "sha256_16": file_digest(ckpt), "hparams": dict(module.hparams)}
+    model = {"checkpoint": str(ckpt), "sha256_16": digest, "hparams": dict(module.hparams)}
     data_config = dict(data.hparams)
 
     results = report.read_results(out)

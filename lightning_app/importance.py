@@ -44,7 +44,7 @@ def compute_importance(ckpt: str, samples: int = 200) -> Path:
     accepted = inspect.signature(InteractiveDataModule).parameters  # LightningCLI adds private keys
     data = InteractiveDataModule(**{k: v for k, v in saved.items() if k in accepted})
     loader = DataLoader(data.importance_dataset(samples), batch_size=1, num_workers=0)
-    batches = track(loader, description="MAS importance", total=samples)
+    batches = track(loader, description="MAS importance", total=len(loader))
     importance = mas_importance(module, lambda b: module(b["image"], b["clicks"]).sigmoid(), batches)
     payload = {"importance": importance, "checkpoint_sha256_16": digest, "samples": samples}
     atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
@@ -52,14 +52,15 @@ def compute_importance(ckpt: str, samples: int = 200) -> Path:
     return path
 
 
-def load_importance(ckpt: str | Path) -> dict[str, torch.Tensor] | None:
+def load_importance(ckpt: str | Path, digest: str | None = None) -> dict[str, torch.Tensor] | None:
     """The importance stored in ``<ckpt>.mas.pt``, ``None`` when there is none; an error when it
-    was computed for another version of the checkpoint."""
+    was computed for another version of the checkpoint (``digest``: the checkpoint's
+    ``file_digest`` when the caller has it already)."""
     path = importance_path(ckpt)
     if not path.exists():
         return None
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("checkpoint_sha256_16") != file_digest(ckpt):
+    if payload.get("checkpoint_sha256_16") != (digest or file_digest(ckpt)):
         raise UserError(f"MAS importance '{path}' belongs to another version of '{ckpt}': recompute it with "
                         f"`python -m lightning_app importance --ckpt {ckpt}`")
     return payload["importance"]

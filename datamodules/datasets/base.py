@@ -64,9 +64,11 @@ def instance_areas(instances: np.ndarray, exclude: Iterable[int] = (0,)) -> dict
     return {int(i): int(c) for i, c in zip(ids, counts) if int(i) not in skip}
 
 
-def others(instances: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The instance map with the target removed: the objects negative clicks may land on."""
-    return np.where(mask, 0, instances).astype(np.int32)
+def instance_target(instances: np.ndarray, key: int, ignore: np.ndarray) -> Target:
+    """Object ``key`` of an instance map; the other instances outside ``ignore`` are the
+    objects negative clicks may land on."""
+    mask = instances == key
+    return Target(mask, ignore, np.where(mask | ignore, 0, instances).astype(np.int32))
 
 
 def fill_polygons(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:

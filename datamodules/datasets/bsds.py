@@ -25,7 +25,7 @@ import scipy.io
 from PIL import Image
 
 from datamodules.datasets.base import (
-    IndexedObjects, ObjectRef, Target, UNKNOWN_CLASS, instance_areas, others, require_dir, require_file)
+    IndexedObjects, ObjectRef, Target, UNKNOWN_CLASS, instance_areas, instance_target, require_dir, require_file)
 from datamodules.io import read_image
 from modules.errors import UserError
 
@@ -103,5 +103,4 @@ class BSDSObjects(IndexedObjects):
     def target(self, ref: ObjectRef, shape: tuple[int, int]) -> Target:
         annotator, region = ref.key
         regions = read_partitions(ref.annotation, self.rotation[ref.annotation])[annotator]
-        mask = regions == region
-        return Target(mask, np.zeros(shape, bool), others(regions, mask))
+        return instance_target(regions, region, np.zeros(shape, bool))

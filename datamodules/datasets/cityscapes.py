@@ -15,7 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
-from datamodules.datasets.base import IndexedObjects, ObjectRef, Target, instance_areas, others, require_dir
+from datamodules.datasets.base import IndexedObjects, ObjectRef, Target, instance_areas, instance_target, require_dir
 from datamodules.io import read_mask
 
 CLASSES = {24: "person", 25: "rider", 26: "car", 27: "truck", 28: "bus", 29: "caravan", 30: "trailer", 31: "train",
@@ -48,5 +48,4 @@ class CityscapesObjects(IndexedObjects):
 
     def target(self, ref: ObjectRef, shape: tuple[int, int]) -> Target:
         ids = read_mask(ref.annotation).astype(np.int32)
-        mask = ids == ref.key
-        return Target(mask, cityscapes_ignore(ids), others(np.where(ids >= 1000, ids, 0), mask))
+        return instance_target(np.where(ids >= 1000, ids, 0), ref.key, cityscapes_ignore(ids))

@@ -26,7 +26,7 @@ import scipy.io
 from PIL import Image
 
 from datamodules.datasets.base import (
-    IndexedObjects, ObjectRef, Target, instance_areas, others, read_split_list, require_file)
+    IndexedObjects, ObjectRef, Target, instance_areas, instance_target, read_split_list, require_file)
 from modules.errors import UserError
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -71,8 +71,7 @@ class VOCObjects(IndexedObjects):
 
     def target(self, ref: ObjectRef, shape: tuple[int, int]) -> Target:
         inst = read_palette_png(ref.annotation)
-        mask = inst == ref.key
-        return Target(mask, inst == VOID, others(np.where(inst == VOID, 0, inst), mask))
+        return instance_target(inst, ref.key, inst == VOID)
 
 
 def read_sbd_instances(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -105,5 +104,4 @@ class SBDObjects(IndexedObjects):
 
     def target(self, ref: ObjectRef, shape: tuple[int, int]) -> Target:
         inst, _ = read_sbd_instances(ref.annotation)
-        mask = inst == ref.key
-        return Target(mask, inst == VOID, others(np.where(inst == VOID, 0, inst), mask))
+        return instance_target(inst, ref.key, inst == VOID)
