@@ -28,15 +28,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv and install the project (+ dev tools) when missing
 
-demo: $(STAMP) ## train the initial model on the embedded source domain, then benchmark source vs targets
+demo: $(STAMP) ## train the initial model on the embedded source domain, then compare fixed/IA/SA/IA+SA on 20 objects per domain -> runs/demo/
 	$(MAKE) --no-print-directory train-init
-	$(MAKE) --no-print-directory benchmark
+	$(PY) -m lightning_app benchmark --config configs/benchmark.yaml --config configs/demo.yaml --ckpt $(CKPT) $(ARGS)
 
 train-init: $(STAMP) ## train (or resume) the initial model and its MAS importance -> runs/train_init/checkpoints/last.ckpt{,.mas.pt}
 	$(PY) -m lightning_app fit --config configs/train_init.yaml --ckpt_path last $(ARGS)
 	$(PY) -m lightning_app importance --ckpt $(CKPT)
 
-benchmark: $(STAMP) ## NoC / mIoU@k benchmark of CKPT -> runs/benchmark/{results.json,per_object_iou.csv,miou_vs_clicks.png}
+benchmark: $(STAMP) ## fixed / IA / SA / IA+SA on 50 objects per domain -> runs/benchmark/{results.json,per_object_iou.csv,*.png}
 	$(PY) -m lightning_app benchmark --config configs/benchmark.yaml --ckpt $(CKPT) --out_dir $(BENCH_OUT) $(ARGS)
 
 adapt: $(STAMP) ## fixed vs IA / SA / IA+SA / decoder-only IA on source and targets -> runs/adapt/

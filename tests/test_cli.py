@@ -11,7 +11,7 @@ from conftest import ROOT, TINY_DATA, synthetic, tiny_fit_args
 from lightning_app.cli import main
 
 BENCH = ["--data.test", f"[{synthetic('source', 3)}, {synthetic('fundus', 3)}, {synthetic('rooftop', 3)}]",
-         "--data.num_workers", "0", "--max_clicks", "20"]
+         "--data.num_workers", "0", "--max_clicks", "20", "--variants", "[fixed]"]
 
 
 def run_cli(*args, timeout=180):
@@ -74,6 +74,10 @@ def test_print_config_is_complete():
     r = run_cli("benchmark", "--config", "configs/benchmark.yaml", "--print_config")
     assert r.returncode == 0, r.stderr
     assert "test:" in r.stdout and "max_clicks: 20" in r.stdout
+    assert "- ia_sa" in r.stdout  # make benchmark compares the four variants
+    r = run_cli("benchmark", "--config", "configs/benchmark.yaml", "--config", "configs/demo.yaml", "--print_config")
+    assert r.returncode == 0, r.stderr
+    assert "out_dir: runs/demo" in r.stdout and "length: 20" in r.stdout and "length: 50" not in r.stdout
 
 
 @pytest.mark.parametrize(
