@@ -8,6 +8,10 @@ CKPT ?= runs/train_init/checkpoints/last.ckpt
 BENCH_OUT ?= runs/benchmark
 SHARED_DATA ?= ../shared/data
 BSDS_CKPT ?= runs/train_bsds/checkpoints/last.ckpt
+EVOLVE_INIT ?= configs/evolve/init.yaml
+EVOLVE_CKPT ?= runs/evolve_init/checkpoints/last.ckpt
+STAGES ?=
+EVOLVE_STAGES := $(if $(STAGES),--stages [$(STAGES)])
 export BSDS_ROOT ?= $(SHARED_DATA)/BSDS500
 export GRABCUT_ROOT ?= $(SHARED_DATA)/GrabCut
 export BERKELEY_ROOT ?= $(SHARED_DATA)/Berkeley
@@ -15,7 +19,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv demo train-init benchmark adapt adapt-sequence tune train-bsds benchmark-real test clean
+.PHONY: help venv demo train-init benchmark adapt adapt-sequence tune train-bsds benchmark-real evolve-init evolve evolve-ablation test clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +58,17 @@ train-bsds: $(STAMP) ## train (or resume) the real-photo initial model on BSDS50
 
 benchmark-real: $(STAMP) ## every variant of the BSDS model on GrabCut and Berkeley -> runs/benchmark_real/
 	$(PY) -m lightning_app benchmark --config configs/benchmark_real.yaml --ckpt $(BSDS_CKPT) $(ARGS)
+
+evolve-init: $(STAMP) ## train (or resume) paper B's initial model: three-click protocol, binary predictor, classifier -> runs/evolve_init/
+	$(PY) -m lightning_app fit --config $(EVOLVE_INIT) --ckpt_path last $(ARGS)
+
+evolve: evolve-init ## life-long evolution through STAGES (default fundus,rooftop) with clicks only -> runs/evolve/{results.json,table.csv,table.png}
+	$(PY) -m lightning_app evolve --config configs/evolve.yaml --init_ckpt $(EVOLVE_CKPT) $(EVOLVE_STAGES) $(ARGS)
+
+evolve-ablation: evolve-init ## Table 4: ST, ST+IPT, ST+FA, ST+IPT+FA, each one stage on fundus -> runs/evolve_ablation/
+	for v in st st_ipt st_fa st_ipt_fa; do \
+	  $(PY) -m lightning_app evolve --config configs/evolve.yaml --config configs/evolve/$$v.yaml --init_ckpt $(EVOLVE_CKPT) --stages [fundus] $(ARGS) || exit 1; \
+	done
 
 test: $(STAMP) ## run the test suite (CPU, a few minutes)
 	WANDB_MODE=disabled $(PY) -m pytest -q tests $(ARGS)

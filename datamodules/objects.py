@@ -37,6 +37,8 @@ class ObjectSource(Protocol):
 
     def get_sample(self, index: int) -> Sample: ...
 
+    def get_image(self, index: int) -> np.ndarray: ...
+
 
 def pad_to(crop: int) -> A.PadIfNeeded:
     """Zero padding up to ``crop x crop`` (masks padded with 0: background, not ignore)."""
@@ -134,6 +136,7 @@ class TrainObjects(Dataset):
             "mask": torch.from_numpy(mask)[None].float(),
             "ignore": torch.from_numpy(ignore > 0)[None],
             "clicks": clicks_to_tensor(clicks, self.click_capacity),
+            "class_id": s.class_id,
         }
 
 

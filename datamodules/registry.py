@@ -61,6 +61,9 @@ class Selection:
     def get_sample(self, index: int) -> Sample:
         return self.source.get_sample(self.indices[index])
 
+    def get_image(self, index: int) -> np.ndarray:
+        return self.source.get_image(self.indices[index])
+
     def class_of(self, index: int) -> int:
         return self.source.class_of(self.indices[index])
 
@@ -85,6 +88,10 @@ class Concat:
     def get_sample(self, index: int) -> Sample:
         source, i = self._locate(index)
         return source.get_sample(i)
+
+    def get_image(self, index: int) -> np.ndarray:
+        source, i = self._locate(index)
+        return source.get_image(i)
 
     def class_of(self, index: int) -> int:
         source, i = self._locate(index)

@@ -29,6 +29,11 @@ class Scene:
     image: np.ndarray  # H, W, 3 uint8 RGB
     instances: np.ndarray  # H, W int32; 0 background, k > 0 object k
     targets: np.ndarray | None = None  # ids that may be targets (None: every object)
+    classes: dict[int, int] | None = None  # object id -> class id (None: no classes)
+
+
+SHAPE_CLASSES = {0: "ellipse", 1: "polygon", 2: "rectangle", 3: "blob"}
+"""The source domain's object classes: its four shape kinds (paper B's known classes)."""
 
 
 def _noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
@@ -58,7 +63,8 @@ def _random_polygon(rng: np.random.Generator, cy: float, cx: float, r: float, n:
     return np.round(pts).astype(np.int32)
 
 
-def _shape_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def _shape_mask(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, int]:
+    """A random shape's mask and its kind (a key of :data:`SHAPE_CLASSES`)."""
     m = np.zeros((h, w), np.uint8)
     side = min(h, w)
     r = rng.uniform(0.1, 0.28) * side
@@ -80,7 +86,7 @@ def _shape_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         n, labels, stats, _ = cv2.connectedComponentsWithStats(m)
         if n > 1:
             m = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
-    return m.astype(bool)
+    return m.astype(bool), int(kind)
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray) -> np.ndarray:
@@ -113,8 +119,9 @@ def render_source(rng: np.random.Generator, size: int) -> Scene:
     img *= (0.8 + 0.4 * _noise(rng, h, w, 16))[..., None]
     instances = np.zeros((h, w), np.int32)
     drawn: dict[int, int] = {}
+    kinds: dict[int, int] = {}
     for k in range(1, int(rng.integers(2, 6)) + 1):
-        m = _shape_mask(rng, h, w)
+        m, kind = _shape_mask(rng, h, w)
         if m.sum() < 30:
             continue
         if rng.random() < 0.4:  # soft drop shadow
@@ -125,10 +132,11 @@ def render_source(rng: np.random.Generator, size: int) -> Scene:
         img[m] = _texture(rng, h, w, colour)[m]
         instances[m] = k
         drawn[k] = int(m.sum())
+        kinds[k] = kind
     # objects mostly hidden by later ones are ambiguous targets: they stay in the scene as clutter
     visible = {k: (instances == k).sum() / a for k, a in drawn.items()}
     targets = np.array([k for k, v in visible.items() if v >= 0.6], np.int32)
-    return Scene(_finish(img, rng, blur=rng.uniform(0.3, 1.0), noise=rng.uniform(2, 8)), instances, targets)
+    return Scene(_finish(img, rng, blur=rng.uniform(0.3, 1.0), noise=rng.uniform(2, 8)), instances, targets, kinds)
 
 
 def _vessels(rng: np.random.Generator, img: np.ndarray, start: tuple[float, float], size: int, n: int) -> None:
@@ -283,11 +291,22 @@ class SyntheticObjects:
             raise UserError(f"length={length} for domain '{domain}': expected at least 1")
         self.domain, self.length, self.seed, self.size, self.min_area = domain, length, seed, size, min_area
         self.name = domain
+        self.class_names = SHAPE_CLASSES if domain == "source" else {}
 
     def __len__(self) -> int:
         return self.length
 
+    def get_image(self, index: int) -> np.ndarray:
+        """The image of object ``index`` alone (what an annotation tool shows the user)."""
+        return self._draw(index).image  # drawn, not read: there is no mask file to avoid
+
+    def class_of(self, index: int) -> int:
+        return self._draw(index).class_id
+
     def get_sample(self, index: int) -> Sample:
+        return self._draw(index)
+
+    def _draw(self, index: int) -> Sample:
         for attempt in range(100):
             scene = render(self.domain, self.seed, index + attempt * 10_000_019, self.size)
             ids, areas = np.unique(scene.instances[scene.instances > 0], return_counts=True)
@@ -301,4 +320,5 @@ class SyntheticObjects:
         pick = np.random.default_rng([self.seed, index]).choice(ids)
         mask = scene.instances == pick
         others = np.where(mask, 0, scene.instances)
-        return Sample(scene.image, mask, np.zeros_like(mask), others, f"{self.domain}/{self.seed}/{index}")
+        class_id = -1 if scene.classes is None else scene.classes[int(pick)]
+        return Sample(scene.image, mask, np.zeros_like(mask), others, f"{self.domain}/{self.seed}/{index}", class_id)

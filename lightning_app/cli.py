@@ -1,8 +1,9 @@
 """The command line: LightningCLI for fit/validate/test, jsonargparse parsers for the
-plain-function subcommands (benchmark, importance).
+plain-function subcommands (benchmark, importance, evolve).
 
     python -m lightning_app fit --config configs/train_init.yaml
     python -m lightning_app importance --ckpt path.ckpt
+    python -m lightning_app evolve --config configs/evolve.yaml [--stages [fundus,rooftop]]
     python -m lightning_app benchmark --config configs/benchmark.yaml --ckpt path.ckpt
     python -m lightning_app <subcommand> --help | --print_config
 """
@@ -23,12 +24,13 @@ from pytorch_lightning.cli import LightningCLI  # noqa: E402
 
 from datamodules.datamodule import InteractiveDataModule  # noqa: E402
 from lightning_app.benchmark import run_benchmark  # noqa: E402
+from lightning_app.evolve import run_evolution  # noqa: E402
 from lightning_app.importance import compute_importance  # noqa: E402
 from modules.errors import UserError  # noqa: E402
 from modules.interactive import InteractiveSegmentationModule  # noqa: E402
 
 
-FUNCTIONS = {"benchmark": run_benchmark, "importance": compute_importance}
+FUNCTIONS = {"benchmark": run_benchmark, "importance": compute_importance, "evolve": run_evolution}
 """Subcommands that are plain functions (of options, and of ``data`` when they take it)."""
 
 

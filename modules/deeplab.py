@@ -34,6 +34,12 @@ class ASPP(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _conv_bn_relu(cin, cout, 1))
         self.project = nn.Sequential(_conv_bn_relu(cout * (len(rates) + 2), cout, 1), nn.Dropout(0.1))
 
+    def aux_heads(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paper B's heads: binary-predictor logits ``(B, 1, h, w)`` at the deepest stride and
+        class logits ``(B, num_classes)``."""
+        deep = feats[-1]
+        return self.binary(deep), self.classifier(deep.mean(dim=(2, 3)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
@@ -49,6 +55,9 @@ class DeepLabV3Plus(nn.Module):
         aspp_rates: dilation rates of ASPP's three 3x3 branches.
         pretrained: load timm's ImageNet weights (needs network access); the first conv is
             adapted to ``in_chans`` by timm.
+        num_classes: with ``> 0``, paper B's two extra heads on the deepest backbone feature: a
+            binary pixel predictor (1x1 conv) and an object classifier (linear on the pooled
+            feature) with this many outputs (``n`` known classes, ``n + 1`` once evolving).
     """
 
     def __init__(
@@ -61,6 +70,7 @@ class DeepLabV3Plus(nn.Module):
         low_level_channels: int = 48,
         decoder_channels: int = 128,
         pretrained: bool = False,
+        num_classes: int = 0,
     ):
         super().__init__()
         if output_stride not in (8, 16):
@@ -90,6 +100,9 @@ class DeepLabV3Plus(nn.Module):
             _conv_bn_relu(decoder_channels, decoder_channels),
         )
         self.head = nn.Conv2d(decoder_channels, 1, 1)
+        if num_classes > 0:
+            self.binary = nn.Conv2d(deep_ch, 1, 1)
+            self.classifier = nn.Linear(deep_ch, num_classes)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.encoder(x)
@@ -106,6 +119,12 @@ class DeepLabV3Plus(nn.Module):
     def predict_head(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The 1x1 classifier on decoder features, upsampled to ``size``."""
         return F.interpolate(self.head(features), size=size, mode="bilinear", align_corners=False)
+
+    def aux_heads(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paper B's heads: binary-predictor logits ``(B, 1, h, w)`` at the deepest stride and
+        class logits ``(B, num_classes)``."""
+        deep = feats[-1]
+        return self.binary(deep), self.classifier(deep.mean(dim=(2, 3)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Foreground logits ``(B, 1, H, W)`` at the input resolution."""

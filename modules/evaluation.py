@@ -28,12 +28,16 @@ def evaluate_object(
     ignore: np.ndarray | None = None,
     max_clicks: int = 20,
     threshold: float = 0.5,
+    initial: list[Click] | None = None,
 ) -> ObjectResult:
     """Simulate ``max_clicks`` corrective clicks on one object and record the IoU after each.
 
     All clicks are made (no early stop) so that mIoU@k is defined for every k; NoC is read off
     the IoU curve. If a prediction is perfect, no error is left to click on and the IoU is
     carried forward. ``seconds`` times ``predict`` alone, which is what the user waits for.
+    ``initial`` clicks (paper B's three) are given together first: they count as that many
+    clicks, the IoU before the last of them is 0 (nothing is predicted yet), and corrective
+    clicks follow.
     """
     gt = gt.astype(bool)
     if not gt.any():
@@ -42,7 +46,15 @@ def evaluate_object(
     clicks: list[Click] = []
     ious: list[float] = []
     seconds: list[float] = []
-    for _ in range(max_clicks):
+    if initial:
+        if len(initial) > max_clicks:
+            raise ValueError(f"{len(initial)} initial clicks exceed max_clicks={max_clicks}")
+        clicks = list(initial)
+        start = time.perf_counter()
+        pred = predict(clicks) > threshold
+        seconds.append(time.perf_counter() - start)
+        ious = [0.0] * (len(clicks) - 1) + [iou(pred, gt, ignore)]
+    for _ in range(max_clicks - len(ious)):
         click = next_click(pred, gt, ignore)
         if click is None:
             ious.append(ious[-1])  # only reachable after a prediction: pred starts empty, gt is not

@@ -19,7 +19,7 @@ from modules.clicks import Click, clicks_to_tensor, encode_clicks, scale_clicks
 from modules.deeplab import DeepLabV3Plus
 from modules.evaluation import ObjectResult, evaluate_object
 from modules.losses import masked_bce
-from modules.simulate import next_click
+from modules.simulate import next_click, three_click_protocol
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,6 +36,16 @@ def network_size(hw: tuple[int, int], max_side: int, multiple: int = 32) -> tupl
 def poly_lr_factor(step: int, total: int, power: float) -> float:
     """Polynomial decay ``(1 - step / total) ** power`` (DeepLab's schedule)."""
     return max(0.0, 1.0 - step / max(1, total)) ** power
+
+
+def aux_losses(out: dict[str, torch.Tensor], mask: torch.Tensor, valid: torch.Tensor, class_id: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Paper B's extra supervision: BCE of the binary predictor (upsampled to the mask) and
+    cross-entropy of the classifier on the objects that have a class (``class_id >= 0``)."""
+    binary = F.interpolate(out["binary"], size=mask.shape[-2:], mode="bilinear", align_corners=False)
+    losses = {"binary_bce": masked_bce(binary, mask, valid)}
+    known = class_id >= 0
+    losses["class_ce"] = F.cross_entropy(out["classes"][known], class_id[known]) if known.any() else out["classes"].sum() * 0
+    return losses
 
 
 class InteractiveSegmentationModule(pl.LightningModule):
@@ -60,6 +70,15 @@ class InteractiveSegmentationModule(pl.LightningModule):
         eval_max_side: long side of the network input at evaluation (images are resized to
             it and predictions resized back to the original resolution).
         eval_max_clicks: clicks per object in the benchmark (the protocol's 20).
+        click_protocol: ``corrective`` (paper A: random initial clicks in training, corrective
+            clicks from the first on in the benchmark) or ``three_click`` (paper B: two
+            bounding-box corners and one interior click, computed from the object's mask and
+            jittered by ``three_click_jitter`` px in training; the benchmark gives them first,
+            then corrective clicks).
+        three_click_jitter: training jitter of the three clicks, in pixels.
+        num_classes: with ``> 0``, the binary predictor and the object classifier of paper B
+            (``modules.deeplab``), trained with BCE and cross-entropy on the training objects'
+            class ids (objects without one, id -1, do not train the classifier).
     """
 
     def __init__(
@@ -81,12 +100,14 @@ class InteractiveSegmentationModule(pl.LightningModule):
         iterative_start: float = 0.3,
         eval_max_side: int = 512,
         eval_max_clicks: int = 20,
+        click_protocol: Literal["corrective", "three_click"] = "corrective",
+        three_click_jitter: int = 5,
+        num_classes: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.net = DeepLabV3Plus(
-            backbone, 5, output_stride, aspp_rates, aspp_channels, decoder_channels=decoder_channels, pretrained=pretrained
-        )
+        self.net = DeepLabV3Plus(backbone, 5, output_stride, aspp_rates, aspp_channels, decoder_channels=decoder_channels,
+                                 pretrained=pretrained, num_classes=num_classes)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.click_hooks: list[Callable[["ImagePredictor", torch.Tensor], None]] = []  # test-time adaptation
@@ -106,10 +127,33 @@ class InteractiveSegmentationModule(pl.LightningModule):
         """Foreground logits ``(B, 1, H, W)``."""
         return self.net(self.network_input(image, clicks))
 
+    def outputs(self, image: torch.Tensor, clicks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything paper B reads off the network: ``logits`` ``(B, 1, H, W)``, decoder
+        ``features`` (stride 4), and with ``num_classes`` the ``binary`` predictor's logits
+        (deepest stride) and the ``classes`` logits."""
+        feats = self.net.encode(self.network_input(image, clicks))
+        features = self.net.decode_features(feats)
+        out = {"logits": self.net.predict_head(features, image.shape[-2:]), "features": features}
+        if self.hparams.num_classes > 0:
+            out["binary"], out["classes"] = self.net.aux_heads(feats)
+        return out
+
     # -- training (sec. 3.1, 3.3) -------------------------------------------------------------
-    def _add_iterative_clicks(self, batch: dict) -> torch.Tensor:
+    def initial_clicks(self, batch: dict) -> torch.Tensor:
+        """The clicks a training sample starts with: the dataset's random ones (``corrective``)
+        or paper B's three, placed on the (augmented) mask (``three_click``)."""
+        if self.hparams.click_protocol == "corrective":
+            return batch["clicks"]
+        clicks = torch.zeros_like(batch["clicks"])
+        for b, mask in enumerate(batch["mask"][:, 0].bool().cpu().numpy()):
+            three = three_click_protocol(mask, np.random.default_rng(np.random.randint(0, 2**31)),
+                                         self.hparams.three_click_jitter)
+            clicks[b, :3] = clicks_to_tensor(three).to(clicks)
+        return clicks
+
+    def _add_iterative_clicks(self, batch: dict, clicks: torch.Tensor) -> torch.Tensor:
         """Stage (b): predict, add the simulated next click, repeat 0..max times."""
-        clicks = batch["clicks"].clone()
+        clicks = clicks.clone()
         if self.global_step < self.hparams.iterative_start * self._total_steps() or self.hparams.max_iterative_clicks == 0:
             return clicks
         rounds = int(np.random.randint(0, self.hparams.max_iterative_clicks + 1))
@@ -131,9 +175,15 @@ class InteractiveSegmentationModule(pl.LightningModule):
         return clicks
 
     def _step(self, batch: dict, clicks: torch.Tensor, metric: BinaryJaccardIndex, stage: str) -> torch.Tensor:
-        logits = self(batch["image"], clicks)
+        out = self.outputs(batch["image"], clicks)
+        logits = out["logits"]
         valid = ~batch["ignore"]
         loss = masked_bce(logits, batch["mask"], valid)
+        if self.hparams.num_classes > 0:
+            aux = aux_losses(out, batch["mask"], valid, batch["class_id"])
+            for name, value in aux.items():
+                self.log(f"{stage}/{name}", value, batch_size=len(logits))
+            loss = loss + sum(aux.values())
         target = batch["mask"].long().masked_fill(~valid, IGNORE_INDEX)
         metric(logits.detach().sigmoid(), target)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(logits))
@@ -141,10 +191,10 @@ class InteractiveSegmentationModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, self._add_iterative_clicks(batch), self.train_iou, "train")
+        return self._step(batch, self._add_iterative_clicks(batch, self.initial_clicks(batch)), self.train_iou, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, batch["clicks"], self.val_iou, "val")
+        self._step(batch, self.initial_clicks(batch), self.val_iou, "val")
 
     def _total_steps(self) -> int:
         """Length of training in optimizer steps (the schedule and stage (b) depend on it)."""
@@ -175,7 +225,8 @@ class InteractiveSegmentationModule(pl.LightningModule):
         predictor = self.predictor(batch["image"])
         predictor.hooks = list(self.click_hooks)
         self.current_predictor = predictor  # read by sequence adaptation after the object
-        return evaluate_object(predictor, gt, ignore, self.hparams.eval_max_clicks)
+        initial = three_click_protocol(gt) if self.hparams.click_protocol == "three_click" else None
+        return evaluate_object(predictor, gt, ignore, self.hparams.eval_max_clicks, initial=initial)
 
 
 class ImagePredictor:

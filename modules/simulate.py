@@ -95,3 +95,28 @@ def sample_initial_clicks(
                     taken.add(yx)
                     clicks.append(Click(yx[0], yx[1], False))
     return clicks
+
+
+def three_click_protocol(
+    mask: np.ndarray, rng: np.random.Generator | None = None, jitter: int = 0, margin: int = 3
+) -> list[Click]:
+    """Paper B's interaction (IOG, sec. 3.1): two negative clicks at the diagonal corners of the
+    object's bounding box, ``margin`` px outside it (clipped to the image), and one positive
+    click at the object's interior-most pixel. Deterministic unless ``rng`` and ``jitter`` are
+    given (training: every click moves by up to ``jitter`` px; the positive one stays on the
+    object).
+    """
+    mask = mask.astype(bool)
+    if not mask.any():
+        raise ValueError("cannot place the three clicks on an empty mask")
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    y0, x0, y1, x1 = ys.min() - margin, xs.min() - margin, ys.max() + margin, xs.max() + margin
+    inner = _inner_distance(mask)
+    fy, fx = np.unravel_index(int(np.argmax(inner)), inner.shape)
+    if rng is not None and jitter > 0:
+        y0, x0, y1, x1 = (v + int(rng.integers(-jitter, jitter + 1)) for v in (y0, x0, y1, x1))
+        near = mask & ((np.arange(h)[:, None] - fy) ** 2 + (np.arange(w)[None] - fx) ** 2 <= jitter**2)
+        fy, fx = _pick(rng, near, 1)[0]
+    clip = lambda v, n: int(min(max(v, 0), n - 1))  # noqa: E731
+    return [Click(int(fy), int(fx), True), Click(clip(y0, h), clip(x0, w), False), Click(clip(y1, h), clip(x1, w), False)]

@@ -21,9 +21,9 @@ TINY_DATA = ["--data.train", f"[{synthetic('source', 200, 0)}]", "--data.val", f
              "--data.crop_size", "64", "--data.batch_size", "2", "--data.num_workers", "0", "--data.min_area", "16"]
 
 
-def tiny_fit_args(root: Path, steps: int = 3) -> list[str]:
+def tiny_fit_args(root: Path, steps: int = 3, config: str = "configs/train_init.yaml") -> list[str]:
     return [
-        "fit", "--config", str(ROOT / "configs/train_init.yaml"),
+        "fit", "--config", str(ROOT / config),
         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
         "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
         "--trainer.default_root_dir", str(root),

@@ -121,6 +121,10 @@ class IndexedObjects:
         return (f"{self.name}: {len(self.objects)} objects in {images} images "
                 f"({self.skipped} below min_area={self.min_area} px skipped)")
 
+    def get_image(self, index: int) -> np.ndarray:
+        """The image of object ``index`` alone: its annotation is not opened."""
+        return read_image(self.objects[index].image)
+
     def get_sample(self, index: int) -> Sample:
         ref = self.objects[index]
         image = read_image(ref.image)

@@ -1,0 +1,112 @@
+"""The interactive-prototype (IPT) module of paper B (sec. 3.2, Eq. 1-6), as pure functions.
+
+It refines the coarse pseudo mask the model predicts from the user's three clicks, using the
+pixel features ``F``: three prototypes (global average, centre points, edge) each give a
+confidence map; the global one and the merged centre/edge one are thresholded at a fraction of
+their mean confidence inside the coarse mask; the coarse mask and the two label maps vote.
+Nothing here updates a model. Features are ``(C, H, W)`` tensors, masks ``(H, W)`` arrays.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+
+def prototype(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: ``c = (1 / Z) sum_i Q_i F_i`` with ``Z = sum_i Q_i``. ``features`` ``(..., C, H, W)``,
+    ``weights`` ``(..., H, W)``; returns ``(..., C)`` (zeros where ``Z`` is 0)."""
+    z = weights.sum(dim=(-2, -1)).clamp_min(1e-6)
+    return (features * weights.unsqueeze(-3)).sum(dim=(-2, -1)) / z.unsqueeze(-1)
+
+
+def squared_distance(c: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: ``||c - F_i||^2`` for every pixel; ``c`` ``(C,)``, ``features`` ``(C, H, W)``."""
+    return ((features - c[:, None, None]) ** 2).sum(dim=0)
+
+
+def prototype_confidence(features: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: ``exp(-d(c, F_i)) / (exp(-d(c, F_i)) + exp(-d(c_bar, F_i)))`` with ``c`` from ``Q``
+    and ``c_bar`` from ``1 - Q``, written as the (overflow-free) logistic of the distance gap."""
+    c, c_bar = prototype(features, q), prototype(features, 1 - q)
+    return torch.sigmoid(squared_distance(c_bar, features) - squared_distance(c, features))
+
+
+def mean_confidence(confidence: torch.Tensor, mask: np.ndarray) -> float:
+    """Eq. 4: the mean confidence over the pixels of the coarse pseudo mask."""
+    m = torch.as_tensor(mask, dtype=confidence.dtype)
+    return float((confidence * m).sum() / m.sum().clamp_min(1.0))
+
+
+def edge_mask(mask: np.ndarray, kernel: int = 5, iterations: int = 3) -> np.ndarray:
+    """The edge band of ``mask``: the mask minus its erosion (``kernel`` x ``kernel``, ``iterations``
+    times, as the paper's OpenCV call). A mask the erosion removes entirely is all edge."""
+    mask = mask.astype(bool)
+    eroded = cv2.erode(mask.astype(np.uint8), np.ones((kernel, kernel), np.uint8), iterations=iterations) > 0
+    return mask & ~eroded if eroded.any() else mask
+
+
+def centre_points(mask: np.ndarray, click: tuple[int, int], rng: np.random.Generator, points: int = 3,
+                  radius: float = 10.0) -> np.ndarray:
+    """``Q`` of the centre-point prototype: the user's positive click plus ``points`` pixels of the
+    coarse mask drawn at random within ``radius`` of it (fewer when there are fewer)."""
+    h, w = mask.shape
+    y, x = click
+    yy, xx = np.mgrid[0:h, 0:w]
+    near = mask.astype(bool) & ((yy - y) ** 2 + (xx - x) ** 2 <= radius**2)
+    near[y, x] = False
+    q = np.zeros((h, w), np.float32)
+    q[y, x] = 1.0
+    ys, xs = np.nonzero(near)
+    if len(ys):
+        pick = rng.choice(len(ys), size=min(points, len(ys)), replace=False)
+        q[ys[pick], xs[pick]] = 1.0
+    return q
+
+
+def vote(*label_maps: np.ndarray) -> np.ndarray:
+    """Eq. 5-6: a pixel is foreground when at least two of the three label maps say so."""
+    return np.sum([m.astype(np.int32) for m in label_maps], axis=0) >= 2
+
+
+def refine_pseudo_mask(
+    features: torch.Tensor,
+    coarse: np.ndarray,
+    binary: np.ndarray,
+    click: tuple[int, int],
+    rng: np.random.Generator,
+    m: float = 0.70,
+    n: float = 0.75,
+    centre_weight: float = 0.3,
+    edge_weight: float = 0.7,
+    points: int = 3,
+    kernel: int = 5,
+    iterations: int = 3,
+    radius: float = 10.0,
+) -> dict[str, np.ndarray]:
+    """The IPT module on one object: ``features`` ``(C, H, W)``, the ``coarse`` pseudo mask
+    ``M_p``, the ``binary`` predictor's probabilities ``M_b`` and the user's positive ``click``,
+    all at one resolution.
+
+    - global prototype, ``Q = M_p * M_b``; label map ``M_c = P_g > m * k_g``;
+    - centre-point (``points`` + the click) and edge (:func:`edge_mask`) prototypes, merged
+      ``P_m = centre_weight * P_c + edge_weight * P_e``; label map ``M_m = P_m > n * k_m``;
+    - the refined mask is the vote of ``M_p``, ``M_c`` and ``M_m``.
+
+    Returns ``mask`` (refined), ``global`` (``M_c``) and ``merged`` (``M_m``). An empty coarse
+    mask has nothing to refine and comes back empty.
+    """
+    coarse = coarse.astype(bool)
+    points, kernel, iterations = int(points), int(kernel), int(iterations)  # configs may give floats
+    if not coarse.any():
+        empty = np.zeros_like(coarse)
+        return {"mask": empty, "global": empty, "merged": empty}
+    f = features.float()
+    mp = torch.as_tensor(coarse, dtype=f.dtype)
+    p_global = prototype_confidence(f, mp * torch.as_tensor(binary, dtype=f.dtype))
+    p_centre = prototype_confidence(f, torch.as_tensor(centre_points(coarse, click, rng, points, radius)))
+    p_edge = prototype_confidence(f, torch.as_tensor(edge_mask(coarse, kernel, iterations), dtype=f.dtype))
+    p_merged = centre_weight * p_centre + edge_weight * p_edge
+    label_global = (p_global > m * mean_confidence(p_global, coarse)).numpy()
+    label_merged = (p_merged > n * mean_confidence(p_merged, coarse)).numpy()
+    return {"mask": vote(coarse, label_global, label_merged), "global": label_global, "merged": label_merged}
