@@ -65,9 +65,9 @@ evolve-init: $(STAMP) ## train (or resume) paper B's initial model: three-click 
 evolve: evolve-init ## life-long evolution through STAGES (default fundus,rooftop) with clicks only -> runs/evolve/{results.json,table.csv,table.png}
 	$(PY) -m lightning_app evolve --config configs/evolve.yaml --init_ckpt $(EVOLVE_CKPT) $(EVOLVE_STAGES) $(ARGS)
 
-evolve-ablation: evolve-init ## Table 4: ST, ST+IPT, ST+FA, ST+IPT+FA, each one stage on fundus -> runs/evolve_ablation/
+evolve-ablation: evolve-init ## Table 4: ST, ST+IPT, ST+FA, ST+IPT+FA, each one stage on fundus, 3-click mIoU only -> runs/evolve_ablation/
 	for v in st st_ipt st_fa st_ipt_fa; do \
-	  $(PY) -m lightning_app evolve --config configs/evolve.yaml --config configs/evolve/$$v.yaml --init_ckpt $(EVOLVE_CKPT) --stages [fundus] $(ARGS) || exit 1; \
+	  $(PY) -m lightning_app evolve --config configs/evolve.yaml --config configs/evolve/$$v.yaml --init_ckpt $(EVOLVE_CKPT) --stages [fundus] --max_clicks 3 $(ARGS) || exit 1; \
 	done
 
 test: $(STAMP) ## run the test suite (CPU, a few minutes)

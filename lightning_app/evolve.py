@@ -59,8 +59,9 @@ def pseudo_label(model: InteractiveSegmentationModule, images: MaskFree, interac
                  known_classes: int, known_threshold: float = 0.5, ipt: dict | None = None,
                  seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
     """Coarse and IPT-refined pseudo masks (original resolution) and the classifier's verdict
-    (class id or -1) for every object, from its image and the users' clicks alone. IPT runs at
-    the network's resolution on the L2-normalised decoder features."""
+    (class id or -1) for every object, from its image and the users' clicks alone. IPT (with
+    ``ipt``'s overrides of :func:`refine_pseudo_mask`'s parameters) runs at the network's
+    resolution on the L2-normalised decoder features."""
     model.eval()
     coarse_masks, refined_masks, verdicts = [], [], []
     for i in track(range(len(images)), description=f"pseudo masks {images.name}"):
@@ -72,12 +73,12 @@ def pseudo_label(model: InteractiveSegmentationModule, images: MaskFree, interac
         up = lambda t: F.interpolate(t, size=net_hw, mode="bilinear", align_corners=False)  # noqa: E731
         coarse = (out["logits"] > 0)[0, 0].cpu().numpy()
         refined = coarse
-        if ipt is not None and coarse.any():
+        if coarse.any():
             positive = next(c for c in clicks[0].tolist() if c[2] > 0)
             click = (min(max(round(positive[0]), 0), net_hw[0] - 1), min(max(round(positive[1]), 0), net_hw[1] - 1))
             refined = refine_pseudo_mask(F.normalize(up(out["features"]), dim=1)[0].cpu(), coarse,
                                          torch.sigmoid(up(out["binary"]))[0, 0].cpu().numpy(), click,
-                                         np.random.default_rng([seed, i]), **ipt)["mask"]
+                                         np.random.default_rng([seed, i]), **(ipt or {}))["mask"]
         back = lambda m: _resize_mask(m, predictor.hw)  # noqa: E731
         coarse_masks.append(back(coarse))
         refined_masks.append(back(refined))
@@ -215,7 +216,7 @@ def run_evolution(
         if not pseudo_path.is_file():
             interactions = record_interactions(train_source, stage_dir / "interactions.json")
             coarse, refined, verdicts = pseudo_label(load_module(previous), images, interactions, known, known_threshold,
-                                                     dict(ipt_options) if ipt else None, seed)
+                                                     dict(ipt_options), seed)  # both kept: Table 3 either way
             save_pseudo_masks(pseudo_path, coarse, refined, verdicts)
         masks, verdicts = load_pseudo_masks(pseudo_path, "refined" if ipt else "coarse")
         if measure_pseudo_masks and name not in results["pseudo_masks"]:
@@ -260,7 +261,7 @@ def _train_stage(module: EvolutionModule, pairs: PairedObjects, stage_dir: Path,
         accelerator=accelerator, devices=1, max_epochs=epochs, default_root_dir=str(stage_dir),
         logger=WandbLogger(project=wandb_project, name=f"evolve/{name}", group=group, save_dir=str(stage_dir),
                            job_type="evolve"),
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch}", save_last=True, every_n_epochs=1,
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_last=True, every_n_epochs=1,
                                    enable_version_counter=False), RichProgressBar()],
         plugins=[AtomicCheckpointIO()], log_every_n_steps=10, enable_model_summary=False,
     )
