@@ -59,10 +59,12 @@ def save_pseudo_masks(path: str | Path, coarse: list[np.ndarray], refined: list[
     return atomic_write(path, lambda f: np.savez_compressed(f, pair_class=np.asarray(pair_class), **arrays), mode="wb")
 
 
-def load_pseudo_masks(path: str | Path, kind: str = "refined") -> tuple[list[np.ndarray], np.ndarray]:
+def load_pseudo_masks(path: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """What :func:`save_pseudo_masks` stored: coarse masks, refined masks, classifier verdicts."""
     with np.load(path) as z:
         pair_class = z["pair_class"]
-        return [z[f"{kind}_{i}"] for i in range(len(pair_class))], pair_class
+        return ([z[f"coarse_{i}"] for i in range(len(pair_class))], [z[f"refined_{i}"] for i in range(len(pair_class))],
+                pair_class)
 
 
 class PseudoLabelled:

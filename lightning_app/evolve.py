@@ -206,10 +206,10 @@ def run_evolution(
     results["table"]["init"] = _evaluate(init_ckpt, tests, out / "init", **common)  # baseline on every dataset
     report.write_results(out, results)
     previous, replay_sources = str(init_ckpt), [build_source(source_replay, "source_replay", min_area)]
-    replay_classes = _classes(replay_sources[0])
+    source_classes: list[int] | None = None  # read once, when a stage first trains
     for t, name in enumerate(stages, start=1):
         stage_dir = out / f"stage{t}_{name}"
-        start = time.perf_counter()
+        start, worked = time.perf_counter(), False
         train_source = build_source(catalog[name]["train"], f"catalog.{name}.train", min_area)
         images = MaskFree(train_source)
         pseudo_path = stage_dir / "pseudo.npz"
@@ -218,11 +218,12 @@ def run_evolution(
             coarse, refined, verdicts = pseudo_label(load_module(previous), images, interactions, known, known_threshold,
                                                      dict(ipt_options), seed)  # both kept: Table 3 either way
             save_pseudo_masks(pseudo_path, coarse, refined, verdicts)
-        masks, verdicts = load_pseudo_masks(pseudo_path, "refined" if ipt else "coarse")
+            worked = True
+        coarse, refined, verdicts = load_pseudo_masks(pseudo_path)
         if measure_pseudo_masks and name not in results["pseudo_masks"]:
-            coarse, _ = load_pseudo_masks(pseudo_path, "coarse")
-            results["pseudo_masks"][name] = pseudo_mask_quality(train_source, coarse, load_pseudo_masks(pseudo_path)[0])
+            results["pseudo_masks"][name] = pseudo_mask_quality(train_source, coarse, refined)
             report.write_results(out, results)
+        masks = refined if ipt else coarse
         new = PseudoLabelled(images, masks)
         model_path = stage_dir / "model.ckpt"
         if not model_path.is_file():
@@ -231,17 +232,21 @@ def run_evolution(
                                                    lr=lr, replay_final_weight=replay_final_weight)
             view = lambda s: TrainObjects(s, crop_size, max_positive=1, max_negative=0, click_capacity=3,  # noqa: E731
                                           max_side=train_max_side)  # the three clicks are placed in the step
-            pairs = PairedObjects(view(new), [int(verdicts[i]) for i in new.keep], view(Concat(replay_sources)),
-                                  replay_classes)
+            if source_classes is None:
+                source_classes = _classes(replay_sources[0])
+            earlier = Concat(replay_sources)  # earlier stages' objects have no class
+            pairs = PairedObjects(view(new), [int(verdicts[i]) for i in new.keep], view(earlier),
+                                  source_classes + [-1] * (len(earlier) - len(source_classes)))
             _train_stage(module, pairs, stage_dir, epochs, batch_size, num_workers, accelerator, wandb_project, group, name)
             module.export(model_path)
-        results["seconds"][name] = results["seconds"].get(name, 0.0) + time.perf_counter() - start
+            worked = True
+        if worked:  # a rerun that finds the stage done adds nothing to its time
+            results["seconds"][name] = results["seconds"].get(name, 0.0) + time.perf_counter() - start
         seen = {k: v for k, v in tests.items() if k == "source" or k in stages[:t]}
         results["table"][f"+{name}"] = _evaluate(str(model_path), seen, stage_dir, **common)
         report.write_results(out, results)
         previous = str(model_path)
-        replay_sources.append(PseudoLabelled(MaskFree(train_source), masks, name))
-        replay_classes = replay_classes + [-1] * len(replay_sources[-1])
+        replay_sources.append(PseudoLabelled(images, masks, name))
 
     write_table(out, results)
     _log_table(results, wandb_project, group)
@@ -287,10 +292,15 @@ def _evaluate(ckpt: str, tests: dict[str, Entry], stage_dir: Path, num_workers: 
     return row
 
 
+def _datasets(table: dict) -> list[str]:
+    """The evaluated datasets of a stage-by-dataset table, in first-seen order."""
+    return list(dict.fromkeys(d for row in table.values() for d in row))
+
+
 def write_table(out: Path, results: dict) -> None:
     """``table.csv`` (one row per model and dataset) and ``table.png`` (3-click mIoU heat-map)."""
     table = results["table"]
-    datasets = list(dict.fromkeys(d for row in table.values() for d in row))
+    datasets = _datasets(table)
     buf = io.StringIO()
     w = csv.writer(buf)
     thresholds = sorted({t for row in table.values() for cell in row.values() for t in cell["noc"]})
@@ -344,7 +354,7 @@ def print_evolution(results: dict) -> None:
     from rich.table import Table
 
     table = results["table"]
-    datasets = list(dict.fromkeys(d for row in table.values() for d in row))
+    datasets = _datasets(table)
     t = Table(title="3-click mIoU (NoC@85 / NoC@90) after each stage")
     t.add_column("model")
     for d in datasets:
