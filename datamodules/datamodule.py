@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Subset
 from datamodules.objects import EvalObjects, ObjectSource, TrainObjects
 from datamodules.registry import Concat, build_sources
 from datamodules.streaming import ObjectStream
+from modules.errors import UserError
 
 DataEntry = str | dict[str, Any]
 
@@ -35,11 +36,14 @@ class InteractiveDataModule(pl.LightningDataModule):
             model's ``eval_max_side``); ``None`` for images already at the network's size.
         batch_size: training batch size.
         num_workers: dataloader worker processes.
-        min_area: objects smaller than this (pixels) are skipped (and counted).
+        min_area: objects smaller than this (pixels) are skipped (and counted); ``None``: 64, and a
+            dataset that loses more than half of its objects to it is an error (a mask read
+            wrongly) unless its entry sets ``min_area``.
         max_positive: at most this many random positive clicks per training sample.
         max_negative: at most this many random negative clicks per training sample.
         click_capacity: click slots per training sample (random + iterative clicks).
-        seed: seed of the training stream's order (a new permutation every epoch).
+        seed: seed of the training stream: its order (a new permutation every epoch) and every
+            sample's augmentation and clicks.
     """
 
     def __init__(
@@ -55,13 +59,16 @@ class InteractiveDataModule(pl.LightningDataModule):
         train_max_side: int | None = None,
         batch_size: int = 8,
         num_workers: int = 1,
-        min_area: int = 64,
+        min_area: int | None = None,
         max_positive: int = 5,
         max_negative: int = 5,
         click_capacity: int = 16,
         seed: int = 0,
     ):
         super().__init__()
+        for key, value, least in (("num_workers", num_workers, 0), ("batch_size", batch_size, 1), ("crop_size", crop_size, 16)):
+            if value < least:
+                raise UserError(f"data.{key}={value}: expected at least {least}")
         self.save_hyperparameters()
 
     # sources are opened (their index built) on first use, once per process
@@ -82,16 +89,19 @@ class InteractiveDataModule(pl.LightningDataModule):
         return TrainObjects(source, h.crop_size, h.max_positive, h.max_negative, h.click_capacity, augment=augment,
                             max_side=h.train_max_side)
 
-    def _loader(self, dataset, batch_size: int, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset, batch_size: int) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
-                          drop_last=drop_last)
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        """A stream: a new seeded order every epoch, each object once per epoch across ranks and
-        workers (``datamodules.streaming``)."""
-        stream = ObjectStream(self._train_view(self.train_source, True), seed=self.hparams.seed)
-        return self._loader(stream, self.hparams.batch_size, drop_last=True)
+        """An endless stream: a new seeded order every epoch, each object once per epoch across
+        ranks and workers, every sample's randomness fixed by its place in the stream; a resumed
+        run continues at its global step (``datamodules.streaming``)."""
+        trainer = getattr(self, "trainer", None)
+        start = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        stream = ObjectStream(self._train_view(self.train_source, True), self.hparams.batch_size, self.hparams.seed,
+                              start_batch=start)
+        return self._loader(stream, self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._train_view(self.val_source, False), self.hparams.batch_size)

@@ -113,10 +113,16 @@ class TrainObjects(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
+        """Augmented: a fresh draw each visit (dataloader workers are seeded by Lightning);
+        without augmentation the same sample every time."""
+        return self.sample(index, np.random.randint(0, 2**31) if self.augment else index)
+
+    def sample(self, index: int, seed: int | list[int]) -> dict:
+        """Object ``index`` with its augmentation and clicks drawn from ``seed``."""
         s = self.source.get_sample(index)
         inst = s.instances if s.instances is not None else np.zeros(s.mask.shape, np.int32)
-        # augmented: a fresh draw each visit (workers are seeded by Lightning); else fixed per index
-        rng = np.random.default_rng(np.random.randint(0, 2**31) if self.augment else index)
+        rng = np.random.default_rng(seed)
+        self.transform.set_random_seed(int(rng.integers(2**31)))
         masks = [s.mask.astype(np.uint8), s.ignore.astype(np.uint8), inst]
         for transform in [self.transform] * 5 + [self.resize]:  # small objects can be cropped away
             out = transform(image=s.image, masks=masks)

@@ -11,6 +11,7 @@ An entry names a dataset and its arguments, plus four keys every dataset underst
 - ``name``: what results are reported under (default: the dataset's name).
 
 A missing ``root`` is read from the environment variable ``<DATASET>_ROOT`` (``COCO_ROOT``...).
+An entry may set its own ``min_area`` (pixels; objects below it are skipped and counted).
 A bare string is an entry without arguments: ``grabcut`` is ``{dataset: grabcut}``.
 """
 from __future__ import annotations
@@ -136,8 +137,33 @@ def select(source: ObjectSource, where: str, name: str | None = None, classes: l
     return Selection(source, indices.tolist(), name or source.name)
 
 
-def build_source(entry: str | dict[str, Any], where: str, min_area: int = 0) -> ObjectSource:
-    """The object source a data-config entry describes (see the module docstring)."""
+DEFAULT_MIN_AREA = 64
+"""Objects below this many pixels are skipped unless a config says otherwise."""
+LOSS_LIMIT = 0.5
+"""With the default ``min_area``, a dataset that loses more than this share of its objects
+(to tiny or empty masks: a mask read wrongly) is an error."""
+
+
+def check_losses(source: ObjectSource, where: str, min_area: int) -> None:
+    """One line naming an example when the default ``min_area`` drops most of a dataset."""
+    skipped, kept = getattr(source, "skipped", 0), len(source)
+    if skipped <= LOSS_LIMIT * (skipped + kept):
+        return
+    ref = source.example_skipped
+    detail = f"object {ref.key!r}: {ref.area} px" if ref.key is not None else f"{ref.area} px"
+    if ref.annotation.suffix.lower() in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
+        from datamodules.io import read_mask
+
+        values = np.unique(read_mask(ref.annotation))
+        detail += f"; values in the file: {values[:8].tolist()}{' ...' if len(values) > 8 else ''}"
+    raise UserError(f"{where}: {source.name} loses {skipped} of {skipped + kept} objects to min_area={min_area} px, "
+                    f"e.g. '{ref.annotation}' ({detail}): if its masks are right, set min_area for this entry")
+
+
+def build_source(entry: str | dict[str, Any], where: str, min_area: int | None = None) -> ObjectSource:
+    """The object source a data-config entry describes (see the module docstring). ``min_area``:
+    the config's (``None``: :data:`DEFAULT_MIN_AREA`, and :func:`check_losses` applies unless the
+    entry sets its own)."""
     spec = {"dataset": entry} if isinstance(entry, str) else dict(entry)
     dataset = spec.pop("dataset", None)
     if dataset not in DATASETS:
@@ -155,15 +181,21 @@ def build_source(entry: str | dict[str, Any], where: str, min_area: int = 0) -> 
             raise UserError(f"{where}: dataset '{dataset}' needs a root: set '{where}.root' or the environment "
                             f"variable {env}")
         spec["root"] = os.environ[env]
+    strict = min_area is None and "min_area" not in spec
     if "min_area" in params:
-        spec.setdefault("min_area", min_area)
+        spec.setdefault("min_area", DEFAULT_MIN_AREA if min_area is None else min_area)
+    missing = [k for k, v in params.items() if v.default is inspect.Parameter.empty and k not in spec]
+    if missing:
+        raise UserError(f"{where}: dataset '{dataset}' needs the key(s) {missing}")
     source = factory(**spec)
+    if strict:
+        check_losses(source, where, spec.get("min_area", DEFAULT_MIN_AREA))
     if hasattr(source, "describe"):
         print(source.describe())
     return select(source, where, **chosen)
 
 
-def build_sources(entries: list[str | dict[str, Any]], where: str, min_area: int = 0) -> list[ObjectSource]:
+def build_sources(entries: list[str | dict[str, Any]], where: str, min_area: int | None = None) -> list[ObjectSource]:
     if not entries:
         raise UserError(f"{where}: expected at least one dataset entry")
     return [build_source(e, f"{where}[{i}]", min_area) for i, e in enumerate(entries)]

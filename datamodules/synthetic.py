@@ -56,6 +56,11 @@ def _finish(img: np.ndarray, rng: np.random.Generator, blur: float, noise: float
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _near(mask: np.ndarray, px: int) -> np.ndarray:
+    """``mask`` grown by ``px`` pixels."""
+    return cv2.dilate(mask.astype(np.uint8), np.ones((2 * px + 1, 2 * px + 1), np.uint8)) > 0
+
+
 def _random_polygon(rng: np.random.Generator, cy: float, cx: float, r: float, n: int, spikiness: float) -> np.ndarray:
     angles = np.sort(rng.uniform(0, 2 * np.pi, n))
     radii = r * (1 - spikiness * rng.random(n))
@@ -67,8 +72,8 @@ def _shape_mask(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, i
     """A random shape's mask and its kind (a key of :data:`SHAPE_CLASSES`)."""
     m = np.zeros((h, w), np.uint8)
     side = min(h, w)
-    r = rng.uniform(0.1, 0.28) * side
-    cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
+    r = rng.uniform(0.16, 0.36) * side
+    cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
     kind = rng.integers(0, 4)
     if kind == 0:  # ellipse
         axes = (int(r), int(r * rng.uniform(0.4, 1.0)))
@@ -120,12 +125,13 @@ def render_source(rng: np.random.Generator, size: int) -> Scene:
     instances = np.zeros((h, w), np.int32)
     drawn: dict[int, int] = {}
     kinds: dict[int, int] = {}
-    for k in range(1, int(rng.integers(2, 6)) + 1):
+    for k in range(1, int(rng.integers(2, 5)) + 1):
         m, kind = _shape_mask(rng, h, w)
         if m.sum() < 30:
             continue
         if rng.random() < 0.4:  # soft drop shadow
-            shift = np.roll(np.roll(m, int(rng.integers(2, 6)), 0), int(rng.integers(2, 6)), 1) & ~m
+            d = max(2, size // 40)
+            shift = np.roll(np.roll(m, int(rng.integers(d, 3 * d)), 0), int(rng.integers(d, 3 * d)), 1) & ~m
             img[shift] *= 0.6
         under = img[m].mean(axis=0)
         colour = max((_colour(rng) for _ in range(4)), key=lambda c: np.abs(c - under).sum())  # stands out, as photos' objects mostly do
@@ -166,13 +172,13 @@ def render_fundus(rng: np.random.Generator, size: int) -> Scene:
     tex = 0.75 + 0.35 * _noise(rng, h, w, int(rng.integers(6, 14)))
     img = base[None, None] * tex[..., None] * np.clip(1.15 - 0.55 * rr**2, 0, 1)[..., None]
     # optic disc: bright, soft-edged ellipse with a brighter cup
-    r = size * rng.uniform(0.08, 0.13)
+    r = size * rng.uniform(0.17, 0.25)
     side = rng.choice([-1, 1])
-    cy, cx = h / 2 + rng.uniform(-0.12, 0.12) * h, w / 2 + side * rng.uniform(0.12, 0.25) * w
+    cy, cx = h / 2 + rng.uniform(-0.08, 0.08) * h, w / 2 + side * rng.uniform(0.04, 0.14) * w
     axes = (int(r * rng.uniform(0.85, 1.0)), int(r))
     disc = np.zeros((h, w), np.uint8)
     cv2.ellipse(disc, (int(cx), int(cy)), axes, float(rng.uniform(-20, 20)), 0, 360, 1, -1)
-    soft = cv2.GaussianBlur(disc.astype(np.float32), (0, 0), r * rng.uniform(0.2, 0.35))
+    soft = cv2.GaussianBlur(disc.astype(np.float32), (0, 0), r * rng.uniform(0.12, 0.25))
     disc_col = np.array([rng.uniform(225, 255), rng.uniform(170, 220), rng.uniform(100, 150)], np.float32)
     img = img * (1 - soft[..., None]) + disc_col * soft[..., None]
     cup = np.zeros((h, w), np.float32)
@@ -204,8 +210,8 @@ def render_rooftop(rng: np.random.Generator, size: int) -> Scene:
         img[road > 0] = rng.uniform(90, 130)
     instances = np.zeros((h, w), np.int32)
     sun = rng.uniform(0, 2 * np.pi)
-    for k in range(1, int(rng.integers(1, 5)) + 1):
-        length, width = size * rng.uniform(0.18, 0.4), size * rng.uniform(0.12, 0.22)
+    for k in range(1, int(rng.integers(1, 4)) + 1):
+        length, width = size * rng.uniform(0.32, 0.6), size * rng.uniform(0.22, 0.36)
         cy, cx, angle = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0, 180)
         box = _roof_polygon(rng, cy, cx, length, width, angle)
         roof = np.zeros((h, w), np.uint8)
@@ -215,10 +221,10 @@ def render_rooftop(rng: np.random.Generator, size: int) -> Scene:
             wy, wx = cy + 0.35 * length * np.sin(a), cx + 0.35 * length * np.cos(a)
             wing = _roof_polygon(rng, wy + 0.3 * length * np.cos(a), wx - 0.3 * length * np.sin(a), width, length * 0.6, angle)
             cv2.fillPoly(roof, [np.round(wing).astype(np.int32)], 1)
-        roof_b = roof.astype(bool) & (instances == 0)
-        if roof_b.sum() < 40:
+        roof_b = roof.astype(bool)
+        if roof_b.sum() < 40 or (roof_b & _near(instances > 0, 2)).any():  # buildings do not overlap
             continue
-        d = size * 0.05
+        d = size * 0.06
         shadow = np.roll(np.roll(roof_b, int(d * np.sin(sun)), 0), int(d * np.cos(sun)), 1) & ~roof_b
         img[shadow & (instances == 0)] *= 0.45
         colour = [np.array([150, 150, 155]), np.array([160, 80, 60]), np.array([110, 85, 70]), np.array([60, 60, 65])][
@@ -236,7 +242,7 @@ def render_rooftop(rng: np.random.Generator, size: int) -> Scene:
     for _ in range(int(rng.integers(2, 8))):  # trees
         ty, tx = rng.uniform(0, h), rng.uniform(0, w)
         tree = np.zeros((h, w), np.uint8)
-        cv2.circle(tree, (int(tx), int(ty)), int(rng.integers(3, 8)), 1, -1)
+        cv2.circle(tree, (int(tx), int(ty)), int(size * rng.uniform(0.025, 0.06)), 1, -1)
         tree_b = tree.astype(bool) & (instances == 0)
         img[tree_b] = np.array([40, 70, 35], np.float32) * rng.uniform(0.7, 1.2)
     return Scene(_finish(img, rng, blur=rng.uniform(0.4, 0.9), noise=rng.uniform(3, 7)), instances)
@@ -247,13 +253,13 @@ def render_cells(rng: np.random.Generator, size: int) -> Scene:
     bg = np.array([rng.uniform(220, 245), rng.uniform(180, 215), rng.uniform(210, 235)], np.float32)
     img = bg[None, None] * (0.9 + 0.15 * _noise(rng, h, w, 10))[..., None]
     instances = np.zeros((h, w), np.int32)
-    for k in range(1, int(rng.integers(3, 9)) + 1):
+    for k in range(1, int(rng.integers(2, 7)) + 1):
         m = np.zeros((h, w), np.uint8)
-        r = size * rng.uniform(0.05, 0.12)
+        r = size * rng.uniform(0.1, 0.2)
         c = (int(rng.uniform(0.1, 0.9) * w), int(rng.uniform(0.1, 0.9) * h))
         cv2.ellipse(m, c, (int(r), int(r * rng.uniform(0.6, 1.0))), float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        m_b = m.astype(bool) & (instances == 0)
-        if m_b.sum() < 20:
+        m_b = m.astype(bool)
+        if m_b.sum() < 20 or (m_b & _near(instances > 0, 1)).any():  # nuclei touch at most
             continue
         stain = np.array([rng.uniform(70, 130), rng.uniform(40, 80), rng.uniform(120, 170)], np.float32)
         img[m_b] = (stain[None, None] * (0.7 + 0.5 * _noise(rng, h, w, 12))[..., None])[m_b]

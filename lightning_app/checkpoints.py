@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 from modules.errors import UserError
@@ -16,8 +17,12 @@ def load_module(path: str | Path) -> InteractiveSegmentationModule:
     try:
         return InteractiveSegmentationModule.load_from_checkpoint(path, map_location="cpu")
     except Exception as e:  # noqa: BLE001 (any failure means the file is not a usable checkpoint)
-        reason = " ".join(str(e).split())[:200]
-        raise UserError(f"checkpoint '{path}' cannot be loaded: {type(e).__name__}: {reason}") from e
+        if isinstance(e, (pickle.UnpicklingError, EOFError, RuntimeError)) and "weights_only" in str(e) or \
+                isinstance(e, (pickle.UnpicklingError, EOFError)):
+            reason = "not a PyTorch checkpoint (truncated, or another kind of file)"
+        else:
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        raise UserError(f"checkpoint '{path}' cannot be loaded: {reason}") from e
 
 
 def file_digest(path: str | Path) -> str:

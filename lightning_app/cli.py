@@ -10,19 +10,23 @@ plain-function subcommands (benchmark, importance, evolve).
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")  # no network here; `wandb sync` later
-# the training stream shards itself across workers (datamodules/streaming.py), as this warns to
-warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
+os.environ.setdefault("WANDB_SILENT", "true")  # one line from us, not wandb's banner per run
+warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|predict_dataloader|"
+                                          r"`training_step` returns `None`|deterministic).*")
 
 from jsonargparse import ActionConfigFile, ArgumentParser  # noqa: E402
 from pytorch_lightning.cli import LightningCLI  # noqa: E402
 
 from datamodules.datamodule import InteractiveDataModule  # noqa: E402
+from lightning_app.app import serve_app  # noqa: E402
 from lightning_app.benchmark import run_benchmark  # noqa: E402
 from lightning_app.evolve import run_evolution  # noqa: E402
 from lightning_app.importance import compute_importance  # noqa: E402
@@ -30,13 +34,19 @@ from modules.errors import UserError  # noqa: E402
 from modules.interactive import InteractiveSegmentationModule  # noqa: E402
 
 
-FUNCTIONS = {"benchmark": run_benchmark, "importance": compute_importance, "evolve": run_evolution}
+# quiet output: Lightning's device lines and product tips would repeat for every benchmark run
+# (after the imports: importing Lightning sets its loggers to INFO)
+for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+FUNCTIONS = {"benchmark": run_benchmark, "importance": compute_importance, "evolve": run_evolution, "app": serve_app}
 """Subcommands that are plain functions (of options, and of ``data`` when they take it)."""
 
 
 def function_parser(name: str) -> ArgumentParser:
     fn = FUNCTIONS[name]
-    parser = ArgumentParser(prog=f"python -m lightning_app {name}", description=fn.__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=f"python -m lightning_app {name}", description=fn.__doc__.split("\n")[0],
+                            allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (see configs/)")
     parser.add_function_arguments(fn, skip={"data"})
     if "data" in inspect.signature(fn).parameters:
@@ -50,23 +60,97 @@ def function_main(name: str, argv: list[str]):
     return FUNCTIONS[name](**{k: v for k, v in init.items() if k != "config"})
 
 
+def resolve_checkpoint(ckpt_path: str | None, checkpoint_dir: str | None) -> str | None:
+    """What ``fit --ckpt_path`` resumes from. ``last``: ``<checkpoint_dir>/last.ckpt`` when it
+    loads, else the newest ``step*.ckpt`` that loads (a kill while ``last.ckpt`` was first
+    written), else nothing (a fresh start); partial ``.tmp`` files of killed writes are removed.
+    A given path must exist and load."""
+    import torch
+
+    def loads(path: Path) -> bool:
+        try:
+            return "state_dict" in torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 (anything unreadable is no checkpoint)
+            return False
+
+    if ckpt_path is None:
+        return None
+    if ckpt_path != "last":
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise UserError(f"--ckpt_path '{ckpt_path}' does not exist (or use 'last' to resume a run when there is one)")
+        if not loads(path):
+            raise UserError(f"--ckpt_path '{ckpt_path}' is not a readable Lightning checkpoint")
+        return str(path)
+    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    if folder is None or not folder.is_dir():
+        return None
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    candidates = [folder / "last.ckpt"] + sorted(folder.glob("step*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        if path.is_file() and loads(path):
+            if path.name != "last.ckpt":
+                print(f"{folder / 'last.ckpt'} is missing or unreadable: resuming from {path}", file=sys.stderr)
+            return str(path)
+    return None
+
+
+class CLI(LightningCLI):
+    """LightningCLI for fit / validate / test; ``fit --ckpt_path last`` resumes robustly."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}  # the model has no predict step
+
+    def before_fit(self) -> None:
+        callback = self.trainer.checkpoint_callback
+        config = self.config_init["fit"]
+        config["ckpt_path"] = resolve_checkpoint(config.get("ckpt_path"), getattr(callback, "dirpath", None))
+
+
 def lightning_main(argv: list[str]) -> None:
-    LightningCLI(
+    CLI(
         InteractiveSegmentationModule,
         InteractiveDataModule,
         args=None if argv == sys.argv[1:] else argv,  # LightningCLI warns when given both
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"allow_abbrev": False},
     )
 
 
+USAGE = """usage: python -m lightning_app <command> [options]   (<command> --help for its options)
+
+  fit         train a model (LightningCLI: --config configs/train_init.yaml)
+  validate    validate a checkpoint
+  test        Lightning's test loop on a checkpoint
+  benchmark   click-by-click benchmark of test-time adaptation variants
+  importance  MAS importance of a checkpoint (for adaptation with gamma > 0)
+  evolve      life-long evolution through a sequence of datasets (paper B)
+  app         the annotation app (a local web page)
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] not in FUNCTIONS and argv[0] not in CLI.subcommands():
+        print(f"error: unknown command '{argv[0]}'\n{USAGE}", file=sys.stderr)
+        return 2
     try:
-        if argv and argv[0] in FUNCTIONS:
+        if argv[0] in FUNCTIONS:
             function_main(argv[0], argv[1:])
         else:
             lightning_main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except SIGTERMException:
+        print("terminated (SIGTERM) before the end: rerun the same command to resume", file=sys.stderr)
+        return 143
+    except (UserError, MisconfigurationException) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0

@@ -66,10 +66,10 @@ def pseudo_label(model: InteractiveSegmentationModule, images: MaskFree, interac
     coarse_masks, refined_masks, verdicts = [], [], []
     for i in track(range(len(images)), description=f"pseudo masks {images.name}"):
         image = image_to_tensor(images.get_image(i))[None].to(model.device)
-        predictor = model.predictor(image)
-        clicks = predictor.net_clicks(interactions[i])
-        out = model.outputs(predictor.net_image, clicks)
-        net_hw = predictor.net_hw
+        session = model.session(image)
+        clicks = session.net_clicks(interactions[i])
+        out = model.outputs(session.net_image, clicks)
+        net_hw = session.net_hw
         up = lambda t: F.interpolate(t, size=net_hw, mode="bilinear", align_corners=False)  # noqa: E731
         coarse = (out["logits"] > 0)[0, 0].cpu().numpy()
         refined = coarse
@@ -79,7 +79,7 @@ def pseudo_label(model: InteractiveSegmentationModule, images: MaskFree, interac
             refined = refine_pseudo_mask(F.normalize(up(out["features"]), dim=1)[0].cpu(), coarse,
                                          torch.sigmoid(up(out["binary"]))[0, 0].cpu().numpy(), click,
                                          np.random.default_rng([seed, i]), **(ipt or {}))["mask"]
-        back = lambda m: _resize_mask(m, predictor.hw)  # noqa: E731
+        back = lambda m: _resize_mask(m, session.hw)  # noqa: E731
         coarse_masks.append(back(coarse))
         refined_masks.append(back(refined))
         verdicts.append(int(known_class(out["classes"], known_classes, known_threshold)[0]))
@@ -135,7 +135,7 @@ def run_evolution(
     crop_size: int = 128,
     train_max_side: int | None = None,
     num_workers: int = 1,
-    min_area: int = 64,
+    min_area: int | None = None,
     max_clicks: int = 20,
     iou_thresholds: list[float] = [0.85, 0.9],  # noqa: B006
     measure_pseudo_masks: bool = True,
@@ -165,7 +165,7 @@ def run_evolution(
         crop_size: training crop side.
         train_max_side: long side photos are brought to before cropping (``None``: as drawn).
         num_workers: dataloader workers.
-        min_area: objects below this many pixels are skipped.
+        min_area: objects below this many pixels are skipped (``None``: the data config's default).
         max_clicks: clicks per object in the benchmark (the three count).
         iou_thresholds: NoC targets.
         measure_pseudo_masks: report pseudo-mask mIoU against the ground truth (Table 3).

@@ -12,12 +12,21 @@ import torch
 from rich.progress import track
 from torch.utils.data import DataLoader
 
-from callbacks.adaptation import importance_path
 from datamodules.datamodule import InteractiveDataModule
 from lightning_app.checkpoints import file_digest, load_module
 from modules.adaptation import mas_importance
 from modules.errors import UserError
 from modules.io import atomic_write
+
+
+def importance_path(ckpt: str | Path) -> Path:
+    """Where the MAS importance of a checkpoint is stored: beside it."""
+    ckpt = Path(ckpt)
+    return ckpt.with_name(ckpt.name + ".mas.pt")
+
+
+MAS_DEFINITION = "aljundi2018: mean |d sum(logits^2) / d theta| over samples, unnormalised"
+"""What the stored numbers are; a file computed under another definition is recomputed."""
 
 
 def compute_importance(ckpt: str, samples: int = 200) -> Path:
@@ -33,8 +42,11 @@ def compute_importance(ckpt: str, samples: int = 200) -> Path:
     path = importance_path(ckpt)
     digest = file_digest(ckpt) if Path(ckpt).is_file() else None
     if digest and path.exists():
-        old = torch.load(path, map_location="cpu", weights_only=True)
-        if old.get("checkpoint_sha256_16") == digest and old.get("samples") == samples:
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 (an unreadable file is recomputed)
+            old = {}
+        if (old.get("checkpoint_sha256_16"), old.get("samples"), old.get("definition")) == (digest, samples, MAS_DEFINITION):
             print(f"MAS importance of {ckpt} is up to date: {path}")
             return path
     module = load_module(ckpt).eval()  # a missing or corrupt checkpoint stops here, in one line
@@ -45,8 +57,8 @@ def compute_importance(ckpt: str, samples: int = 200) -> Path:
     data = InteractiveDataModule(**{k: v for k, v in saved.items() if k in accepted})
     loader = DataLoader(data.importance_dataset(samples), batch_size=1, num_workers=0)
     batches = track(loader, description="MAS importance", total=len(loader))
-    importance = mas_importance(module, lambda b: module(b["image"], b["clicks"]).sigmoid(), batches)
-    payload = {"importance": importance, "checkpoint_sha256_16": digest, "samples": samples}
+    importance = mas_importance(module, lambda b: module(b["image"], b["clicks"]), batches)
+    payload = {"importance": importance, "checkpoint_sha256_16": digest, "samples": samples, "definition": MAS_DEFINITION}
     atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
     print(f"MAS importance of {ckpt} ({samples} samples): {path}")
     return path
@@ -59,7 +71,14 @@ def load_importance(ckpt: str | Path, digest: str | None = None) -> dict[str, to
     path = importance_path(ckpt)
     if not path.exists():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (any failure means the file is unusable)
+        raise UserError(f"MAS importance '{path}' cannot be read ({type(e).__name__}): delete it and recompute it with "
+                        f"`python -m lightning_app importance --ckpt {ckpt}`") from e
+    if payload.get("definition") != MAS_DEFINITION:
+        raise UserError(f"MAS importance '{path}' was computed under an older definition: recompute it with "
+                        f"`python -m lightning_app importance --ckpt {ckpt}`")
     if payload.get("checkpoint_sha256_16") != (digest or file_digest(ckpt)):
         raise UserError(f"MAS importance '{path}' belongs to another version of '{ckpt}': recompute it with "
                         f"`python -m lightning_app importance --ckpt {ckpt}`")

@@ -1,4 +1,13 @@
-"""Benchmark outputs: results.json, per-object CSV, mIoU plot, rich table."""
+"""Benchmark outputs, all derived from ``results.json`` and driven by its ``protocol``:
+the per-object CSV, the mIoU and sequence plots, the rich table and a markdown table.
+
+``results.json``::
+
+    {"protocol": {"max_clicks", "iou_thresholds", "target_iou", "paper_thresholds"},
+     "model": {...}, "data": {...},
+     "results": {DATASET: {VARIANT: {"noc", "noc_ci95", "failures", "miou_at_click", ...}}},
+     "objects": {DATASET: {VARIANT: {"names": [...], "ious": [[...], ...]}}}}
+"""
 from __future__ import annotations
 
 import csv
@@ -11,14 +20,17 @@ from rich.console import Console
 from rich.table import Table
 
 from modules.io import atomic_write, atomic_write_text
+from modules.metrics import threshold_key
 
 RESULTS = "results.json"
 PER_OBJECT = "per_object_iou.csv"
 PLOT = "miou_vs_clicks.png"
+CURVE = "iou_at_k_vs_images.png"
+MARKDOWN = "results.md"
 
 
 def read_results(out_dir: Path) -> dict | None:
-    path = out_dir / RESULTS
+    path = Path(out_dir) / RESULTS
     if not path.exists():
         return None
     try:
@@ -28,49 +40,53 @@ def read_results(out_dir: Path) -> dict | None:
 
 
 def write_results(out_dir: Path, results: dict) -> None:
-    atomic_write_text(out_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(Path(out_dir) / RESULTS, json.dumps(results, indent=1) + "\n")
 
 
-def read_rows(out_dir: Path) -> list[list[str]]:
-    path = out_dir / PER_OBJECT
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.reader(f))[1:]
+def headline_threshold(protocol: dict, dataset: str) -> str:
+    """The threshold a dataset is reported at first: the paper's for it when the protocol names
+    one (paper A, Table 3: DRIONS-DB at 90%, Rooftop at 80%), else the highest."""
+    t = protocol.get("paper_thresholds", {}).get(dataset)
+    return threshold_key(t if t in protocol["iou_thresholds"] else max(protocol["iou_thresholds"]))
 
 
-def write_rows(out_dir: Path, rows: list[list], max_clicks: int) -> None:
+def write_per_object(out_dir: Path, results: dict) -> Path:
+    """``per_object_iou.csv``: IoU after every click for every object and variant."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["dataset", "variant", "object"] + [f"iou_{k}" for k in range(1, max_clicks + 1)])
-    w.writerows(rows)
-    atomic_write_text(out_dir / PER_OBJECT, buf.getvalue())
-
-
-def object_rows(dataset: str, variant: str, names: list[str], ious: np.ndarray) -> list[list]:
-    return [[dataset, variant, n] + [f"{v:.5f}" for v in row] for n, row in zip(names, ious)]
+    w.writerow(["dataset", "variant", "object"] + [f"iou_{k}" for k in range(1, results["protocol"]["max_clicks"] + 1)])
+    for ds, variants in results.get("objects", {}).items():
+        for variant, objects in variants.items():
+            for name, row in zip(objects["names"], objects["ious"]):
+                w.writerow([ds, variant, name] + [f"{v:.5f}" for v in row])
+    return atomic_write_text(Path(out_dir) / PER_OBJECT, buf.getvalue())
 
 
 Line = tuple[np.ndarray, np.ndarray, str]
 
 
-def save_panels(path: Path, panels: dict[str, list[Line]], xlabel: str, ylabel: str, marker: str | None = None) -> Path:
-    """One panel per title, one line per ``(x, y, label)``, IoU axis 0..1, written atomically."""
+def save_panels(path: Path, panels: dict[str, list[Line]], xlabel: str, ylabel: str, marker: str | None = None,
+                bands: dict[str, list[tuple[np.ndarray, np.ndarray]]] | None = None) -> Path:
+    """One panel per title, one line per ``(x, y, label)`` (with an optional shaded band per
+    line), IoU axis 0..1, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
     for ax, (title, lines) in zip(axes[0], panels.items()):
-        for x, y, label in lines:
-            ax.plot(x, y, marker=marker, label=label)
-        ax.set_title(title)
+        for i, (x, y, label) in enumerate(lines):
+            (line,) = ax.plot(x, y, marker=marker, label=label)
+            if bands and title in bands:
+                lo, hi = bands[title][i]
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)
@@ -78,24 +94,19 @@ def save_panels(path: Path, panels: dict[str, list[Line]], xlabel: str, ylabel: 
 
 
 def plot_miou(out_dir: Path, results: dict) -> Path:
-    """One panel per dataset, one line per variant: mIoU after k clicks."""
-    panels = {
-        ds: [(np.arange(1, len(r["miou_at_click"]) + 1), np.asarray(r["miou_at_click"]),
-              f"{variant} (NoC@90 {r['noc']['90']:.2f})") for variant, r in variants.items()]
-        for ds, variants in results["results"].items()
-    }
-    return save_panels(out_dir / PLOT, panels, "clicks", "mIoU", marker=".")
+    """One panel per dataset, one line per variant: mIoU after k clicks with its bootstrap 95%
+    band; the legend gives NoC at the dataset's headline threshold."""
+    from modules.metrics import bootstrap_interval
 
-
-CURVE = "iou_at_k_vs_images.png"
-
-
-def iou_at_click_by_order(rows: list[list], click: int = 4) -> dict[tuple[str, str], np.ndarray]:
-    """Per (dataset, variant), IoU after ``click`` clicks for each object in sequence order."""
-    curves: dict[tuple[str, str], list[float]] = {}
-    for row in rows:
-        curves.setdefault((row[0], row[1]), []).append(float(row[2 + click]))
-    return {k: np.asarray(v) for k, v in curves.items()}
+    panels, bands = {}, {}
+    for ds, variants in results["results"].items():
+        t = headline_threshold(results["protocol"], ds)
+        panels[ds] = [(np.arange(1, len(r["miou_at_click"]) + 1), np.asarray(r["miou_at_click"]),
+                       f"{v} (NoC@{t} {r['noc'][t]:.2f})") for v, r in variants.items()]
+        objects = results.get("objects", {}).get(ds, {})
+        if all(v in objects for v in variants):
+            bands[ds] = [tuple(np.asarray(b) for b in bootstrap_interval(np.asarray(objects[v]["ious"]))) for v in variants]
+    return save_panels(Path(out_dir) / PLOT, panels, "clicks", "mIoU", marker=".", bands=bands)
 
 
 def running_mean(values: np.ndarray, window: int) -> np.ndarray:
@@ -106,38 +117,39 @@ def running_mean(values: np.ndarray, window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
-def plot_sequence(out_dir: Path, rows: list[list], click: int = 4, window: int = 20) -> Path:
-    """IoU@``click`` against the number of images processed (paper A, fig. 3b / 5 right)."""
+def plot_sequence(out_dir: Path, results: dict, click: int = 4, window: int = 20) -> Path:
+    """IoU@``click`` against the number of images processed (paper A, fig. 3b / 5 right): the
+    sequence-adaptation learning curve."""
     panels: dict[str, list[Line]] = {}
-    for (ds, variant), values in iou_at_click_by_order(rows, click).items():
-        line = (np.arange(1, len(values) + 1), running_mean(values, window), variant)
-        panels.setdefault(f"{ds}: IoU@{click} (mean of last {window})", []).append(line)
-    return save_panels(out_dir / CURVE, panels, "images processed", f"IoU@{click}")
+    for ds, variants in results.get("objects", {}).items():
+        for variant, objects in variants.items():
+            values = np.asarray(objects["ious"])[:, click - 1]
+            panels.setdefault(f"{ds}: IoU@{click} (mean of last {window})", []).append(
+                (np.arange(1, len(values) + 1), running_mean(values, window), variant))
+    return save_panels(Path(out_dir) / CURVE, panels, "images processed", f"IoU@{click}")
+
+
+def _clicks_shown(max_clicks: int) -> list[int]:
+    return [k for k in (1, 3, 5, 10, 20) if k <= max_clicks]
 
 
 def results_table(results: dict) -> Table:
-    thresholds = [str(round(t * 100)) for t in results["protocol"]["iou_thresholds"]]
-    table = Table(title=f"Interactive segmentation benchmark (max {results['protocol']['max_clicks']} clicks)")
-    table.add_column("dataset")
-    table.add_column("variant")
-    for t in thresholds:
-        table.add_column(f"NoC@{t}", justify="right")
-    for t in thresholds[1:]:
-        table.add_column(f"fail@{t}", justify="right")
-    ks = [k for k in (1, 3, 5, 10) if k <= results["protocol"]["max_clicks"]]
-    for k in ks:
-        table.add_column(f"mIoU@{k}", justify="right")
-    table.add_column("ms/click", justify="right")
-    table.add_column("objects", justify="right")
+    protocol = results["protocol"]
+    thresholds = [threshold_key(t) for t in protocol["iou_thresholds"]]
+    table = Table(title=f"Interactive segmentation benchmark (max {protocol['max_clicks']} clicks, "
+                        f"NoC with bootstrap 95% interval)")
+    for name in ["dataset", "variant", *[f"NoC@{t}" for t in thresholds], f"fail@{thresholds[-1]}",
+                 *[f"mIoU@{k}" for k in _clicks_shown(protocol["max_clicks"])], "ms/click", "repeat", "objects"]:
+        table.add_column(name, justify="left" if name in ("dataset", "variant") else "right")
     for ds, variants in results["results"].items():
         for variant, r in variants.items():
+            lo_hi = r.get("noc_ci95", {})
             table.add_row(
-                ds,
-                variant,
-                *[f"{r['noc'][t]:.2f}" for t in thresholds],
-                *[str(r["failures"][t]) for t in thresholds[1:]],
-                *[f"{r['miou_at_click'][k - 1]:.3f}" for k in ks],
-                f"{1000 * r['seconds_per_click']:.1f}",
+                ds, variant,
+                *[f"{r['noc'][t]:.2f}" + (f" [{lo_hi[t][0]:.1f}, {lo_hi[t][1]:.1f}]" if t in lo_hi else "") for t in thresholds],
+                str(r["failures"][thresholds[-1]]),
+                *[f"{r['miou_at_click'][k - 1]:.3f}" for k in _clicks_shown(protocol["max_clicks"])],
+                f"{1000 * r['seconds_per_click']:.1f}", f"{r.get('repeated_click_fraction', float('nan')):.2f}",
                 str(r["n_objects"]),
             )
     return table
@@ -146,5 +158,35 @@ def results_table(results: dict) -> Table:
 def print_table(results: dict) -> None:
     console = Console()
     if not console.is_terminal:  # logs and CI: wide enough that no column is cut
-        console = Console(width=160)
+        console = Console(width=200)
     console.print(results_table(results))
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a markdown table (what the README quotes), with the headline threshold of
+    each dataset marked."""
+    protocol = results["protocol"]
+    thresholds = [threshold_key(t) for t in protocol["iou_thresholds"]]
+    ks = _clicks_shown(protocol["max_clicks"])
+    head = ["dataset", "variant", *[f"NoC@{t} [95% CI]" for t in thresholds], f"fail@{thresholds[-1]}",
+            *[f"mIoU@{k}" for k in ks], "ms/click", "repeat"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ds, variants in results["results"].items():
+        headline = headline_threshold(protocol, ds)
+        for variant, r in variants.items():
+            ci = r.get("noc_ci95", {})
+            cells = [f"{'**' if t == headline else ''}{r['noc'][t]:.2f}{'**' if t == headline else ''}"
+                     + (f" [{ci[t][0]:.1f}, {ci[t][1]:.1f}]" if t in ci else "") for t in thresholds]
+            lines.append("| " + " | ".join([ds, variant, *cells, str(r["failures"][thresholds[-1]]),
+                                            *[f"{r['miou_at_click'][k - 1]:.3f}" for k in ks],
+                                            f"{1000 * r['seconds_per_click']:.1f}",
+                                            f"{r.get('repeated_click_fraction', float('nan')):.2f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(out_dir: Path, results: dict) -> list[Path]:
+    """Every file derived from ``results.json``: CSV, plots, markdown."""
+    out_dir = Path(out_dir)
+    click = min(4, results["protocol"]["max_clicks"])
+    return [write_per_object(out_dir, results), plot_miou(out_dir, results), plot_sequence(out_dir, results, click),
+            atomic_write_text(out_dir / MARKDOWN, markdown_table(results))]

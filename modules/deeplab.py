@@ -34,12 +34,6 @@ class ASPP(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _conv_bn_relu(cin, cout, 1))
         self.project = nn.Sequential(_conv_bn_relu(cout * (len(rates) + 2), cout, 1), nn.Dropout(0.1))
 
-    def aux_heads(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Paper B's heads: binary-predictor logits ``(B, 1, h, w)`` at the deepest stride and
-        class logits ``(B, num_classes)``."""
-        deep = feats[-1]
-        return self.binary(deep), self.classifier(deep.mean(dim=(2, 3)))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
@@ -58,6 +52,9 @@ class DeepLabV3Plus(nn.Module):
         num_classes: with ``> 0``, paper B's two extra heads on the deepest backbone feature: a
             binary pixel predictor (1x1 conv) and an object classifier (linear on the pooled
             feature) with this many outputs (``n`` known classes, ``n + 1`` once evolving).
+        guide_channels: with ``> 0``, the last this many input channels (the click maps and
+            the previous mask) also enter the decoder directly, max-pooled to stride 4, so a
+            click reaches the prediction near it without crossing the whole encoder.
     """
 
     def __init__(
@@ -71,8 +68,10 @@ class DeepLabV3Plus(nn.Module):
         decoder_channels: int = 128,
         pretrained: bool = False,
         num_classes: int = 0,
+        guide_channels: int = 0,
     ):
         super().__init__()
+        self.guide_channels = guide_channels
         if output_stride not in (8, 16):
             raise UserError(f"output_stride={output_stride}: expected 8 or 16")
         if not timm.is_model(backbone):
@@ -96,7 +95,7 @@ class DeepLabV3Plus(nn.Module):
         self.aspp = ASPP(deep_ch, aspp_channels, aspp_rates)
         self.low_proj = _conv_bn_relu(low_ch, low_level_channels, 1)
         self.decoder = nn.Sequential(
-            _conv_bn_relu(aspp_channels + low_level_channels, decoder_channels),
+            _conv_bn_relu(aspp_channels + low_level_channels + guide_channels, decoder_channels),
             _conv_bn_relu(decoder_channels, decoder_channels),
         )
         self.head = nn.Conv2d(decoder_channels, 1, 1)
@@ -105,13 +104,18 @@ class DeepLabV3Plus(nn.Module):
             self.classifier = nn.Linear(deep_ch, num_classes)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.encoder(x)
+        """The stride-4 and the deepest features, and with ``guide_channels`` the guide maps
+        (the input's last channels) at stride 4."""
+        feats = self.encoder(x)
+        if self.guide_channels:
+            feats = [*feats, F.adaptive_max_pool2d(x[:, -self.guide_channels:], feats[0].shape[-2:])]
+        return feats
 
     def decode_features(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Decoder features at stride 4 (the pixel embedding used by prototype methods)."""
-        low, deep = feats
+        low, deep = feats[0], feats[1]
         context = F.interpolate(self.aspp(deep), size=low.shape[-2:], mode="bilinear", align_corners=False)
-        return self.decoder(torch.cat([context, self.low_proj(low)], dim=1))
+        return self.decoder(torch.cat([context, self.low_proj(low), *feats[2:]], dim=1))
 
     def decode(self, feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         return self.predict_head(self.decode_features(feats), size)
@@ -123,8 +127,13 @@ class DeepLabV3Plus(nn.Module):
     def aux_heads(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Paper B's heads: binary-predictor logits ``(B, 1, h, w)`` at the deepest stride and
         class logits ``(B, num_classes)``."""
-        deep = feats[-1]
+        deep = feats[1]
         return self.binary(deep), self.classifier(deep.mean(dim=(2, 3)))
+
+    def cached_modules(self, cache: str) -> list[nn.Module]:
+        """The modules whose output a cached test-time adaptation computes once per click:
+        ``encoder`` (``encode``'s features) or ``decoder`` (``decode_features``' output)."""
+        return {"none": [], "encoder": [self.encoder], "decoder": [self.encoder, self.aspp, self.low_proj, self.decoder]}[cache]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Foreground logits ``(B, 1, H, W)`` at the input resolution."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -64,8 +65,9 @@ class EvolutionModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         a, b = batch["a"], batch["b"]
         model = self.model
-        out_a = model.outputs(a["image"], model.initial_clicks(a))
-        out_b = model.outputs(b["image"], model.initial_clicks(b))
+        rng = np.random.default_rng([torch.initial_seed(), self.global_step])  # the step's click jitter
+        out_a = model.outputs(a["image"], model.initial_clicks(a, rng))
+        out_b = model.outputs(b["image"], model.initial_clicks(b, rng))
         valid_a = ~a["ignore"]
         loss_a = masked_bce(out_a["logits"], a["mask"], valid_a) + sum(aux_losses(out_a, a["mask"], valid_a, a["class_id"]).values())
         loss_b = masked_bce(out_b["logits"], b["mask"]) + aux_losses(out_b, b["mask"], ~b["ignore"], b["class_id"])["binary_bce"]

@@ -7,7 +7,8 @@ and the click-by-click evaluation (``modules.evaluation``).
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -15,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import BinaryJaccardIndex
 
-from modules.clicks import Click, clicks_to_tensor, encode_clicks, scale_clicks
+from modules.adaptation import Adapter
+from modules.clicks import clicks_to_tensor, encode_clicks
 from modules.deeplab import DeepLabV3Plus
 from modules.evaluation import ObjectResult, evaluate_object
-from modules.losses import masked_bce
+from modules.losses import masked_bce, near_click_weights
+from modules.session import InteractiveSession
 from modules.simulate import next_click, three_click_protocol
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -26,11 +29,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = -1
 
 
-def network_size(hw: tuple[int, int], max_side: int, multiple: int = 32) -> tuple[int, int]:
-    """The network resolution for an image: long side at most ``max_side``, both sides
-    rounded to ``multiple`` so every encoder stride divides them."""
-    scale = min(1.0, max_side / max(hw))
-    return tuple(max(multiple, int(round(s * scale / multiple)) * multiple) for s in hw)  # type: ignore[return-value]
+@dataclass(frozen=True)
+class EvaluationProtocol:
+    """How ``test_step`` plays an object: ``max_clicks`` simulated clicks, and the IoU at which
+    Algorithm 1's user would stop (the clicks until then are what sequence adaptation learns)."""
+
+    max_clicks: int = 20
+    target_iou: float = 0.9
 
 
 def poly_lr_factor(step: int, total: int, power: float) -> float:
@@ -65,8 +70,16 @@ class InteractiveSegmentationModule(pl.LightningModule):
         momentum: SGD momentum (AdamW: beta1).
         weight_decay: weight decay.
         poly_power: power of the polynomial learning-rate decay over ``max_steps``.
-        max_iterative_clicks: stage (b) adds 0..this many simulated clicks per batch.
+        prev_mask: give the network the previous prediction as a sixth input channel (RITM);
+            ``False`` is the paper's five-channel input.
+        click_skip: the click maps (and previous mask) enter the decoder too, at stride 4.
+        max_iterative_clicks: stage (b) adds 0..this many simulated corrective clicks per batch,
+            each predicted by the current model from the clicks before it (and, with
+            ``prev_mask``, from its previous prediction).
         iterative_start: fraction of training after which stage (b) begins.
+        click_loss_weight: pixels within ``click_loss_radius`` px of a click weigh ``1 + this``
+            in the training loss (0: the paper's plain BCE).
+        click_loss_radius: see ``click_loss_weight``.
         eval_max_side: long side of the network input at evaluation (images are resized to
             it and predictions resized back to the original resolution).
         eval_max_clicks: clicks per object in the benchmark (the protocol's 20).
@@ -96,8 +109,12 @@ class InteractiveSegmentationModule(pl.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         poly_power: float = 0.9,
+        prev_mask: bool = False,
+        click_skip: bool = False,
         max_iterative_clicks: int = 3,
         iterative_start: float = 0.3,
+        click_loss_weight: float = 0.0,
+        click_loss_radius: float = 5.0,
         eval_max_side: int = 512,
         eval_max_clicks: int = 20,
         click_protocol: Literal["corrective", "three_click"] = "corrective",
@@ -106,32 +123,37 @@ class InteractiveSegmentationModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.net = DeepLabV3Plus(backbone, 5, output_stride, aspp_rates, aspp_channels, decoder_channels=decoder_channels,
-                                 pretrained=pretrained, num_classes=num_classes)
+        self.net = DeepLabV3Plus(backbone, 6 if prev_mask else 5, output_stride, aspp_rates, aspp_channels, decoder_channels=decoder_channels,
+                                 pretrained=pretrained, num_classes=num_classes,
+                                 guide_channels=(3 if prev_mask else 2) if click_skip else 0)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.click_hooks: list[Callable[["ImagePredictor", torch.Tensor], None]] = []  # test-time adaptation
-        self.current_predictor: ImagePredictor | None = None
-        self.mas_importance: dict[str, torch.Tensor] | None = None  # set from <ckpt>.mas.pt for adaptation
+        self.mas_importance: dict[str, torch.Tensor] | None = None  # <ckpt>.mas.pt, read by test-time adaptation
+        self.adapter: Adapter | None = None  # test-time adaptation of the benchmark (callbacks.adaptation)
+        self.protocol = EvaluationProtocol(max_clicks=eval_max_clicks)  # the benchmark's, set by the benchmark
         self.train_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
         self.val_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
 
     # -- the network on image + clicks ------------------------------------------------------
-    def network_input(self, image: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
-        """5-channel input: normalised RGB (``image`` in [0, 1]) and the two click maps;
-        ``clicks`` are in the coordinates of ``image``."""
+    def network_input(self, image: torch.Tensor, clicks: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised RGB (``image`` in [0, 1]), the two click maps (``clicks`` in the
+        coordinates of ``image``) and, with ``prev_mask``, the previous foreground probability
+        ``prev`` ``(B, 1, H, W)`` (zeros before the first prediction)."""
         maps = encode_clicks(clicks.to(image), image.shape[-2:], self.hparams.click_radius, self.hparams.click_encoding)
-        return torch.cat([(image - self.mean) / self.std, maps], dim=1)
+        channels = [(image - self.mean) / self.std, maps]
+        if self.hparams.prev_mask:
+            channels.append(torch.zeros_like(image[:, :1]) if prev is None else prev.to(image))
+        return torch.cat(channels, dim=1)
 
-    def forward(self, image: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, clicks: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """Foreground logits ``(B, 1, H, W)``."""
-        return self.net(self.network_input(image, clicks))
+        return self.net(self.network_input(image, clicks, prev))
 
-    def outputs(self, image: torch.Tensor, clicks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def outputs(self, image: torch.Tensor, clicks: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Everything paper B reads off the network: ``logits`` ``(B, 1, H, W)``, decoder
         ``features`` (stride 4), and with ``num_classes`` the ``binary`` predictor's logits
         (deepest stride) and the ``classes`` logits."""
-        feats = self.net.encode(self.network_input(image, clicks))
+        feats = self.net.encode(self.network_input(image, clicks, prev))
         features = self.net.decode_features(feats)
         out = {"logits": self.net.predict_head(features, image.shape[-2:]), "features": features}
         if self.hparams.num_classes > 0:
@@ -139,46 +161,67 @@ class InteractiveSegmentationModule(pl.LightningModule):
         return out
 
     # -- training (sec. 3.1, 3.3) -------------------------------------------------------------
-    def initial_clicks(self, batch: dict) -> torch.Tensor:
+    def on_fit_start(self) -> None:
+        self.run_seed = torch.initial_seed()  # seed_everything's seed, the same when a run resumes
+
+    def step_rng(self) -> np.random.Generator:
+        """The randomness of one training step (its clicks; torch's generator, for dropout, is
+        reseeded too), from the run's seed and the step: the same config and seed give the same
+        model, also after a resume."""
+        rng = np.random.default_rng([getattr(self, "run_seed", 0), self.global_step])
+        torch.manual_seed(int(rng.integers(2**62)))
+        return rng
+
+    def initial_clicks(self, batch: dict, rng: np.random.Generator | None = None) -> torch.Tensor:
         """The clicks a training sample starts with: the dataset's random ones (``corrective``)
-        or paper B's three, placed on the (augmented) mask (``three_click``)."""
+        or paper B's three, placed on the (augmented) mask (``three_click``), jittered by
+        ``three_click_jitter`` px when ``rng`` is given (training) and exact otherwise."""
         if self.hparams.click_protocol == "corrective":
             return batch["clicks"]
         clicks = torch.zeros_like(batch["clicks"])
         for b, mask in enumerate(batch["mask"][:, 0].bool().cpu().numpy()):
-            three = three_click_protocol(mask, np.random.default_rng(np.random.randint(0, 2**31)),
-                                         self.hparams.three_click_jitter)
+            three = three_click_protocol(mask, rng, self.hparams.three_click_jitter if rng is not None else 0)
             clicks[b, :3] = clicks_to_tensor(three).to(clicks)
         return clicks
 
-    def _add_iterative_clicks(self, batch: dict, clicks: torch.Tensor) -> torch.Tensor:
-        """Stage (b): predict, add the simulated next click, repeat 0..max times."""
+    def iterative_clicks(self, batch: dict, clicks: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stage (b) (sec. 3.3, ITIS/RITM): from the initial clicks, 0..``max_iterative_clicks``
+        rounds of predicting and adding the simulated user's next corrective click. Returns the
+        clicks and the prediction before the last of them (the ``prev_mask`` input; zeros when
+        no round ran, ``None`` without ``prev_mask``)."""
         clicks = clicks.clone()
-        if self.global_step < self.hparams.iterative_start * self._total_steps() or self.hparams.max_iterative_clicks == 0:
-            return clicks
-        rounds = int(np.random.randint(0, self.hparams.max_iterative_clicks + 1))
+        prev = torch.zeros_like(batch["mask"]) if self.hparams.prev_mask else None
+        late = self.global_step >= self.hparams.iterative_start * self._total_steps()
+        rounds = int(rng.integers(0, self.hparams.max_iterative_clicks + 1)) if late else 0
         if rounds == 0:
-            return clicks
+            return clicks, prev
         gt = batch["mask"][:, 0].bool().cpu().numpy()
         ignore = batch["ignore"][:, 0].cpu().numpy()
         was_training = self.training
         self.eval()
         with torch.no_grad():
             for _ in range(rounds):
-                pred = (self(batch["image"], clicks) > 0)[:, 0].cpu().numpy()
+                prob = self(batch["image"], clicks, prev).sigmoid()
+                pred = (prob > 0.5)[:, 0].cpu().numpy()
                 for b in range(len(pred)):
                     free = (clicks[b, :, 2] == 0).nonzero()
                     click = next_click(pred[b], gt[b], ignore[b])
                     if click is not None and len(free):
                         clicks[b, free[0, 0]] = clicks_to_tensor([click])[0]
+                if prev is not None:
+                    prev = prob
         self.train(was_training)
-        return clicks
+        return clicks, prev
 
-    def _step(self, batch: dict, clicks: torch.Tensor, metric: BinaryJaccardIndex, stage: str) -> torch.Tensor:
-        out = self.outputs(batch["image"], clicks)
+    def _step(self, batch: dict, clicks: torch.Tensor, prev: torch.Tensor | None, metric: BinaryJaccardIndex,
+              stage: str) -> torch.Tensor:
+        out = self.outputs(batch["image"], clicks, prev)
         logits = out["logits"]
         valid = ~batch["ignore"]
-        loss = masked_bce(logits, batch["mask"], valid)
+        h = self.hparams
+        weight = near_click_weights(clicks, logits.shape[-2:], h.click_loss_radius, h.click_loss_weight) \
+            if h.click_loss_weight > 0 else None
+        loss = masked_bce(logits, batch["mask"], valid, weight)
         if self.hparams.num_classes > 0:
             aux = aux_losses(out, batch["mask"], valid, batch["class_id"])
             for name, value in aux.items():
@@ -191,10 +234,12 @@ class InteractiveSegmentationModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, self._add_iterative_clicks(batch, self.initial_clicks(batch)), self.train_iou, "train")
+        rng = self.step_rng()
+        clicks, prev = self.iterative_clicks(batch, self.initial_clicks(batch, rng), rng)
+        return self._step(batch, clicks, prev, self.train_iou, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, self.initial_clicks(batch), self.val_iou, "val")
+        self._step(batch, self.initial_clicks(batch), None, self.val_iou, "val")
 
     def _total_steps(self) -> int:
         """Length of training in optimizer steps (the schedule and stage (b) depend on it)."""
@@ -214,74 +259,19 @@ class InteractiveSegmentationModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- evaluation at original resolution ---------------------------------------------------
-    def predictor(self, image: torch.Tensor) -> "ImagePredictor":
-        """A predictor for one image ``(1, 3, H, W)`` in [0, 1] (see :class:`ImagePredictor`)."""
-        return ImagePredictor(self, image, network_size(tuple(image.shape[-2:]), self.hparams.eval_max_side))
+    def session(self, image: torch.Tensor, defer: bool = False) -> InteractiveSession:
+        """An interactive session on one image ``(1, 3, H, W)`` in [0, 1], adapting with
+        ``adapter`` when one is set (see :class:`~modules.session.InteractiveSession`)."""
+        return InteractiveSession(self, image, self.adapter, defer)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> ObjectResult:
-        """Click-by-click evaluation of one benchmark object (batch size 1)."""
+        """Click-by-click evaluation of one benchmark object (batch size 1); the image is
+        finished where Algorithm 1's user would have stopped."""
         gt = batch["mask"][0].cpu().numpy()
         ignore = batch["ignore"][0].cpu().numpy()
-        predictor = self.predictor(batch["image"])
-        predictor.hooks = list(self.click_hooks)
-        self.current_predictor = predictor  # read by sequence adaptation after the object
+        session = self.session(batch["image"])
         initial = three_click_protocol(gt) if self.hparams.click_protocol == "three_click" else None
-        return evaluate_object(predictor, gt, ignore, self.hparams.eval_max_clicks, initial=initial)
-
-
-class ImagePredictor:
-    """Interactive prediction on one image, as a user session sees it.
-
-    Called with all clicks so far (original coordinates) it returns the foreground probability
-    at the original resolution. ``hooks`` run first on every click with the clicks at network
-    resolution: that is where image adaptation takes its gradient steps. ``previous`` keeps the
-    last prediction (network resolution) as the target of Eq. 4's second term.
-    With ``cache`` set, the frozen part of the network runs once per click and its output is
-    reused by every adaptation step: ``encoder`` when only the decoder adapts, ``decoder`` when
-    only the 1x1 head does.
-    """
-
-    def __init__(self, module: InteractiveSegmentationModule, image: torch.Tensor, net_hw: tuple[int, int]):
-        self.module = module
-        self.hw = tuple(image.shape[-2:])
-        self.net_hw = net_hw
-        self.net_image = F.interpolate(image, size=net_hw, mode="bilinear", align_corners=False) if net_hw != self.hw else image
-        self.hooks: list[Callable[[ImagePredictor, torch.Tensor], None]] = []
-        self.previous: torch.Tensor | None = None  # (1, 1, h, w) probabilities at network resolution
-        self.cache: Literal["none", "encoder", "decoder"] = "none"
-        self._cache: tuple[bytes, list[torch.Tensor] | torch.Tensor] | None = None
-
-    def net_clicks(self, clicks: list[Click]) -> torch.Tensor:
-        """Clicks as a ``(1, N, 3)`` tensor in network coordinates."""
-        return scale_clicks(clicks_to_tensor(clicks)[None].to(self.net_image.device), self.hw, self.net_hw)
-
-    def _frozen_features(self, clicks: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
-        """What the adapted layers take as input, computed once per click set when cached:
-        encoder features (``cache='encoder'``) or decoder features (``cache='decoder'``)."""
-        net = self.module.net
-        key = self.cache.encode() + clicks.cpu().numpy().tobytes()
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                feats = net.encode(self.module.network_input(self.net_image, clicks))
-                self._cache = (key, net.decode_features(feats) if self.cache == "decoder" else feats)
-        return self._cache[1]
-
-    def logits(self, clicks: torch.Tensor) -> torch.Tensor:
-        """Logits ``(1, 1, h, w)`` at network resolution (differentiable unless under no_grad)."""
-        net = self.module.net
-        if self.cache == "none":
-            return net(self.module.network_input(self.net_image, clicks))
-        feats = self._frozen_features(clicks)
-        if self.cache == "decoder":
-            return net.predict_head(feats, self.net_hw)
-        return net.decode(feats, self.net_hw)
-
-    def __call__(self, clicks: list[Click]) -> np.ndarray:
-        c = self.net_clicks(clicks)
-        for hook in self.hooks:
-            hook(self, c)
-        with torch.no_grad():
-            logits = self.logits(c)
-        self.previous = logits.sigmoid()
-        full = F.interpolate(logits, size=self.hw, mode="bilinear", align_corners=False) if self.hw != self.net_hw else logits
-        return full[0, 0].sigmoid().cpu().numpy()
+        result = evaluate_object(session, gt, ignore, self.protocol.max_clicks, initial=initial,
+                                 target_iou=self.protocol.target_iou)
+        session.finish(upto=result.user_clicks)
+        return result

@@ -43,20 +43,48 @@ def miou_at_click(ious: np.ndarray) -> list[float]:
     return [float(v) for v in np.asarray(ious, dtype=float).mean(axis=0)]
 
 
+def threshold_key(t: float) -> str:
+    """How a threshold is named in results: 0.85 -> "85"."""
+    return f"{round(t * 100):d}"
+
+
+def bootstrap_interval(values: np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values`` (rows resampled; a 2-D array gives
+    one interval per column, as ``[[lo, ...], [hi, ...]]``)."""
+    values = np.asarray(values, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    means = values[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)], axis=0)
+    return [lo.tolist(), hi.tolist()] if values.ndim > 1 else [float(lo), float(hi)]
+
+
 def summarize(
     ious: np.ndarray, thresholds: Sequence[float] = (0.8, 0.85, 0.9), max_clicks: int = 20
 ) -> dict:
-    """The ``results.json`` entry for one dataset and variant (timing added by the caller)."""
+    """The ``results.json`` entry for one dataset and variant (timing added by the caller): NoC
+    and failures per threshold, mIoU after every click, each NoC with its bootstrap 95%
+    interval over objects."""
     ious = np.asarray(ious, dtype=float)
     if ious.ndim != 2 or ious.shape[1] < max_clicks:
         raise ValueError(f"expected per-object IoUs of shape (objects, {max_clicks}), got {ious.shape}")
-    key = lambda t: f"{round(t * 100):d}"  # noqa: E731
     return {
-        "noc": {key(t): noc(ious, t, max_clicks) for t in thresholds},
-        "failures": {key(t): failures(ious, t, max_clicks) for t in thresholds},
+        "noc": {threshold_key(t): noc(ious, t, max_clicks) for t in thresholds},
+        "noc_ci95": {threshold_key(t): bootstrap_interval(clicks_to_reach(ious, t, max_clicks)) for t in thresholds},
+        "failures": {threshold_key(t): failures(ious, t, max_clicks) for t in thresholds},
         "miou_at_click": miou_at_click(ious[:, :max_clicks]),
         "n_objects": int(ious.shape[0]),
     }
+
+
+def repeated_clicks(clicks: Sequence, radius: float = 2.0) -> int:
+    """How many clicks land within ``radius`` px of an earlier click of the same sign (the user
+    correcting the same error again: a model that did not listen)."""
+    seen: list = []
+    repeats = 0
+    for c in clicks:
+        repeats += any(p.positive == c.positive and (p.y - c.y) ** 2 + (p.x - c.x) ** 2 <= radius**2 for p in seen)
+        seen.append(c)
+    return repeats
 
 
 def sequence_drift(ious: np.ndarray, click: int = 4, window: int = 100) -> dict:

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -54,3 +55,14 @@ def tiny_ckpt_with_importance(tiny_ckpt) -> Path:
     assert main(["importance", "--ckpt", str(tiny_ckpt), "--samples", "4"]) == 0
     assert Path(str(tiny_ckpt) + ".mas.pt").is_file()
     return tiny_ckpt
+
+
+class StopAt(pl.Callback):
+    """Ends training after ``step`` steps: a run interrupted half-way."""
+
+    def __init__(self, step: int = 1):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

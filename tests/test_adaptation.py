@@ -1,4 +1,5 @@
-"""Test-time adaptation: the loss, the callbacks' weight handling, gradients, DDP."""
+"""Test-time adaptation: Eq. 2-4 and MAS, the Adapter driven through an InteractiveSession, the
+Lightning callback, the variants, DDP."""
 import json
 import os
 import subprocess
@@ -8,22 +9,25 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import ROOT, synthetic
+from torch import nn
 from torch.utils.data import DataLoader
 
-from callbacks.adaptation import ImageAdaptation, SequenceAdaptation
+from callbacks.adaptation import TestTimeAdaptation, read_variant, variant_callback
 from callbacks.benchmark import ClickRecorder
 from datamodules.objects import EvalObjects
 from datamodules.synthetic import SyntheticObjects
-from modules.adaptation import adaptation_loss, correction_targets, mas_importance, mas_penalty, select_parameters
+from modules.adaptation import (Adapter, ImageAdaptation, SequenceAdaptation, adaptation_loss, add_mas_gradient,
+                                correction_targets, mas_importance, mas_penalty, select_parameters)
 from modules.clicks import Click
 from modules.errors import UserError
-from modules.interactive import InteractiveSegmentationModule
+from modules.interactive import EvaluationProtocol, InteractiveSegmentationModule
 
 
-def small_module() -> InteractiveSegmentationModule:
+def small_module(prev_mask: bool = False) -> InteractiveSegmentationModule:
     torch.manual_seed(0)
-    m = InteractiveSegmentationModule(aspp_channels=16, decoder_channels=16, eval_max_clicks=3)
+    m = InteractiveSegmentationModule(aspp_channels=16, decoder_channels=16, prev_mask=prev_mask)
     m.mas_importance = {n: torch.ones_like(p) for n, p in m.named_parameters()}
+    m.protocol = EvaluationProtocol(max_clicks=3)
     return m.eval()
 
 
@@ -44,6 +48,14 @@ def same(a, b):
     return all(torch.equal(a[n], b[n]) for n in a)
 
 
+def largest_change(a, b):
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+IMAGE = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+CLICKS = [Click(20, 20, True), Click(40, 44, False), Click(10, 50, True)]
+
+
 def test_correction_targets_and_loss_terms():
     clicks = torch.tensor([[[2.0, 3.0, 1.0], [5.0, 1.0, -1.0], [0.0, 0.0, 0.0]]])
     target, valid = correction_targets(clicks, (8, 8))
@@ -56,157 +68,13 @@ def test_correction_targets_and_loss_terms():
     assert adaptation_loss(logits, clicks, prev, lam=0.5) > 5
 
 
-def test_mas_penalty_zero_at_anchor_positive_away():
-    m = small_module()
-    params = select_parameters(m, "decoder")
-    anchor = {n: p.detach().clone() for n, p in params.items()}
-    importance = {n: torch.ones_like(p) for n, p in params.items()}
-    assert mas_penalty(params, anchor, importance) == 0
-    with torch.no_grad():
-        next(iter(params.values())).add_(0.1)
-    assert mas_penalty(params, anchor, importance) > 0
-
-
-def test_mas_importance_is_normalised_and_covers_parameters():
-    m = small_module()
-    x = [{"image": torch.rand(1, 3, 32, 32), "clicks": torch.tensor([[[16.0, 16.0, 1.0]]])} for _ in range(2)]
-    imp = mas_importance(m, lambda b: m(b["image"], b["clicks"]).sigmoid(), x)
-    flat = torch.cat([t.flatten() for t in imp.values()])
-    assert set(imp) == {n for n, _ in m.named_parameters()}
-    assert abs(float(flat.mean()) - 1.0) < 1e-4 and float(flat.min()) >= 0
-
-
-def test_select_parameters():
-    m = small_module()
-    assert not any(n.startswith("net.encoder.") for n in select_parameters(m, "decoder"))
-    assert set(select_parameters(m, r"net\.head\.")) == {"net.head.weight", "net.head.bias"}
-    with pytest.raises(ValueError, match="selects no parameter"):
-        select_parameters(m, "nothing_matches_this")
-
-
-def test_image_adaptation_turns_corrections_into_constraints():
-    m = small_module()
-    ia = ImageAdaptation(steps=10, lr=1e-2, lam=1.0, gamma=0.0)
-    ia.setup(None, m, "test")
-    ia.on_test_batch_start(None, m, None, 0)
-    predictor = m.predictor(torch.rand(1, 3, 64, 64))
-    predictor.hooks = [ia.on_click]
-    clicks = [Click(20, 20, True), Click(40, 44, False), Click(10, 50, True)]
-    prob = predictor(clicks)
-    assert prob[20, 20] > 0.5 and prob[10, 50] > 0.5 and prob[40, 44] < 0.5
-
-
-def test_first_click_keeps_the_prediction_before_any_click_when_lam_below_one():
-    """Algorithm 1 predicts p before the first correction; with lam < 1 Eq. 4 keeps it."""
-    m = small_module()
-    image = torch.rand(1, 3, 64, 64)
-    for lam, expect_previous in ((1.0, False), (0.5, True)):
-        ia = ImageAdaptation(steps=1, lr=1e-3, lam=lam, gamma=0.0)
-        ia.setup(None, m, "test")
-        ia.on_test_batch_start(None, m, None, 0)
-        predictor = m.predictor(image)
-        with torch.no_grad():
-            no_clicks = predictor.logits(predictor.net_clicks([])).sigmoid()
-        predictor.on_first = None
-
-        def spy(p, clicks):
-            predictor.on_first = None if p.previous is None else p.previous.clone()
-
-        predictor.hooks = [ia.on_click, spy]
-        predictor([Click(20, 20, True)])
-        assert (predictor.on_first is not None) == expect_previous
-        if expect_previous:
-            assert torch.allclose(predictor.on_first, no_clicks)
-        ia.on_test_batch_end(None, m, None, None, 0)
-
-
-def test_ia_resets_per_image_sa_carries_over():
-    m = small_module()
-    start = weights(m)
-    run_test(m, [ImageAdaptation(steps=2, lr=1e-3)])
-    assert same(start, weights(m)), "IA must leave the starting weights untouched between images"
-    m2 = small_module()
-    run_test(m2, [SequenceAdaptation(lr=1e-3)])
-    assert not same(start, weights(m2)), "SA must change the weights"
-
-
-class WeightSpy(pl.Callback):
-    def __init__(self):
-        self.at_start, self.at_end = [], []
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self.at_start.append(weights(pl_module))
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.at_end.append(weights(pl_module))
-
-
-def test_ia_sa_starts_each_image_from_the_sa_weights():
-    m = small_module()
-    spy = WeightSpy()  # between IA and SA: sees IA's restore before SA's step
-    run_test(m, [ImageAdaptation(steps=2, lr=1e-3, gamma=0.0), spy, SequenceAdaptation(lr=1e-3)], n=2)
-    assert same(spy.at_end[0], spy.at_start[0]), "IA restores the image's starting weights"
-    assert not same(spy.at_start[1], spy.at_start[0]), "SA's step moves the next image's start"
-    assert same(spy.at_end[1], spy.at_start[1])
-
-
-def test_only_the_chosen_subset_gets_gradients():
-    m = small_module()
-    encoder_before = {n: p.detach().clone() for n, p in m.named_parameters() if n.startswith("net.encoder.")}
-    ia = ImageAdaptation(steps=2, lr=1e-2, parameters="decoder", cache="encoder")
-    ia.setup(None, m, "test")
-    ia.on_test_batch_start(None, m, None, 0)
-    predictor = m.predictor(torch.rand(1, 3, 64, 64))
-    predictor.hooks = [ia.on_click]
-    predictor([Click(30, 30, True)])
-    for n, p in m.named_parameters():
-        if n.startswith("net.encoder."):
-            assert p.grad is None and torch.equal(p, encoder_before[n])
-    assert all(p.grad is not None for p in ia.params.values())
-
-
-def test_missing_importance_is_a_clear_error():
-    m = small_module()
-    m.mas_importance = None
-    with pytest.raises(UserError, match="MAS importance missing"):
-        ImageAdaptation(gamma=1.0).setup(None, m, "test")
-    ImageAdaptation(gamma=0.0).setup(None, small_module(), "test")  # no penalty: no importance needed
-
-
-def test_cache_refuses_parameters_inside_the_cached_part():
-    with pytest.raises(UserError, match="cache=encoder cannot adapt 'net.encoder"):
-        ImageAdaptation(parameters="all", cache="encoder", gamma=0.0).setup(None, small_module(), "test")
-    with pytest.raises(UserError, match="cache=decoder cannot adapt 'net.aspp"):
-        ImageAdaptation(parameters="decoder", cache="decoder", gamma=0.0).setup(None, small_module(), "test")
-
-
-def test_head_only_adaptation_on_cached_decoder_features():
-    m = small_module()
-    before = weights(m)
-    ia = ImageAdaptation(steps=10, lr=0.1, gamma=0.0, parameters=r"net\.head\.", cache="decoder")
-    ia.setup(None, m, "test")
-    ia.on_test_batch_start(None, m, None, 0)
-    predictor = m.predictor(torch.rand(1, 3, 64, 64))
-    clicks = [Click(20, 20, True), Click(40, 44, False)]
-    c = predictor.net_clicks(clicks)
-    with torch.no_grad():
-        loss_before = adaptation_loss(predictor.logits(c), c, None, lam=1.0)
-    predictor.hooks = [ia.on_click]
-    predictor(clicks)
-    with torch.no_grad():
-        loss_after = adaptation_loss(predictor.logits(c), c, None, lam=1.0)
-    assert loss_after < loss_before
-    after = weights(m)
-    assert {n for n in before if not torch.equal(before[n], after[n])} == {"net.head.weight", "net.head.bias"}
-
-
-def test_analytic_mas_gradient_equals_autograd():
-    from modules.adaptation import add_mas_gradient
-
+def test_mas_penalty_and_its_analytic_gradient():
     m = small_module()
     params = select_parameters(m, r"net\.head\.")
-    anchor = {n: p.detach().clone() + 0.05 for n, p in params.items()}
+    anchor = {n: p.detach().clone() for n, p in params.items()}
     importance = {n: torch.rand_like(p) for n, p in params.items()}
+    assert mas_penalty(params, anchor, importance) == 0
+    anchor = {n: a + 0.05 for n, a in anchor.items()}
     (1.5 * mas_penalty(params, anchor, importance)).backward()
     autograd = {n: p.grad.clone() for n, p in params.items()}
     for p in params.values():
@@ -216,28 +84,205 @@ def test_analytic_mas_gradient_equals_autograd():
         assert torch.allclose(p.grad, autograd[n], atol=1e-6)
 
 
-def test_benchmark_runs_all_variants_side_by_side(tiny_ckpt_with_importance, tmp_path):
+def test_mas_importance_is_aljundis_on_a_linear_model():
+    """For logits f = w.x, d||f||^2/dw = 2 (w.x) x: the importance is its mean absolute value."""
+    lin = nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0, 0.5]]))
+    xs = [torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.0, 1.0, -1.0]])]
+    imp = mas_importance(lin, lambda x: lin(x).view(1, 1, 1, 1), xs)
+    expected = (2 * 2.0 * xs[0].abs() + 2 * 2.5 * xs[1].abs()) / 2  # w.x = 2.0 and -2.5
+    assert torch.allclose(imp["weight"], expected)
+
+
+def test_select_parameters():
+    m = small_module()
+    encoder = {id(p) for p in m.net.encoder.parameters()}
+    assert not any(id(p) in encoder for p in select_parameters(m, "decoder").values())
+    assert set(select_parameters(m, r"net\.head\.")) == {"net.head.weight", "net.head.bias"}
+    norms = select_parameters(m, "norm")
+    assert norms and all(p.dim() == 1 for p in norms.values())
+    with pytest.raises(UserError, match="selects no parameter"):
+        select_parameters(m, "nothing_matches_this")
+
+
+def test_ia_turns_corrections_into_constraints():
+    m = small_module()
+    session = m.session(IMAGE)
+    session.adapter = Adapter(m, ImageAdaptation(steps=10, lr=1e-2, gamma=0.0))
+    session.adapter.begin(session)
+    prob = session.click(*CLICKS)
+    assert prob[20, 20] > 0.5 and prob[10, 50] > 0.5 and prob[40, 44] < 0.5
+
+
+def test_until_respected_stops_before_a_needless_step():
+    m = small_module()
+    start = weights(m)
+    adapter = Adapter(m, ImageAdaptation(steps=10, lr=1e-2, gamma=0.0, until_respected=True))
+    m.adapter = adapter
+    session = m.session(IMAGE)
+    session.click(*CLICKS)
+    assert adapter.ia_steps > 0  # the random model does not respect the clicks at first
+    with torch.no_grad():
+        assert bool(((session.logits() > 0)[0, 0, [20, 10, 40], [20, 50, 44]] == torch.tensor([True, True, False])).all())
+    steps = adapter.ia_steps
+    session.click(Click(21, 21, True))  # next to a respected positive click: nothing to correct
+    assert adapter.ia_steps == steps
+    session.finish()
+    assert same(start, weights(m))
+
+
+def test_first_click_keeps_the_prediction_without_clicks_when_lam_below_one():
+    """Algorithm 1 predicts p before the first correction; with lam < 1 Eq. 4 keeps it."""
+    m = small_module()
+    session = m.session(IMAGE)
+    session.clicks = [CLICKS[0]]
+    with torch.no_grad():
+        expected = m(session.net_image, session.net_clicks([])).sigmoid()
+    assert torch.equal(session.previous_probability(), expected)
+
+
+def test_ia_resets_per_image_sa_carries_over():
+    m = small_module()
+    start = weights(m)
+    run_test(m, [TestTimeAdaptation(image=ImageAdaptation(steps=2, lr=1e-3))])
+    assert same(start, weights(m)), "IA must leave the starting weights untouched between images"
+    m2 = small_module()
+    run_test(m2, [TestTimeAdaptation(sequence=SequenceAdaptation(lr=1e-3))])
+    assert not same(start, weights(m2)), "SA must change the weights"
+
+
+def test_ia_sa_restores_the_image_start_before_the_sa_step():
+    """IA moves the weights a lot (lr 1e-2) inside the image; after it only SA's one Adam step
+    (at most lr 1e-4 per weight) remains."""
+    m = small_module()
+    start = weights(m)
+    adapter = Adapter(m, ImageAdaptation(steps=5, lr=1e-2, gamma=0.0), SequenceAdaptation(lr=1e-4, gamma=0.0))
+    m.adapter = adapter
+    session = m.session(IMAGE)
+    session.click(*CLICKS)
+    assert largest_change(start, weights(m)) > 1e-3
+    session.finish()
+    after = weights(m)
+    assert 0 < largest_change(start, after) <= 1.01e-4
+
+
+def test_undo_gives_the_weights_of_the_remaining_clicks():
+    m = small_module(prev_mask=True)
+    start = weights(m)
+    ia = ImageAdaptation(steps=3, lr=1e-3, gamma=0.0)
+    m.adapter = Adapter(m, ia)
+    one = m.session(IMAGE)
+    p1 = one.click(CLICKS[0])
+    w1 = weights(m)
+    one.finish()
+    assert same(start, weights(m))
+    two = m.session(IMAGE)
+    two.click(CLICKS[0])
+    two.click(CLICKS[1])
+    assert not same(w1, weights(m))
+    back = two.undo()
+    assert same(w1, weights(m)) and len(two.clicks) == 1
+    assert (back == p1).all()
+
+
+def test_deferred_ia_answers_first_and_adapts_after():
+    m = small_module()
+    fixed = m.session(IMAGE).click(CLICKS[0])
+    m.adapter = Adapter(m, ImageAdaptation(steps=3, lr=1e-3, gamma=0.0))
+    session = m.session(IMAGE, defer=True)
+    start = weights(m)
+    prob = session.click(CLICKS[0])
+    assert (prob == fixed).all() and same(start, weights(m)) and session.pending  # answered before any step
+    session.adapt()
+    assert not same(start, weights(m)) and not session.pending
+
+
+def test_a_blown_up_step_is_rolled_back_and_counted():
+    m = small_module()
+    start = weights(m)
+    adapter = Adapter(m, ImageAdaptation(steps=2, lr=1e6, gamma=0.0))
+    m.adapter = adapter
+    session = m.session(IMAGE)
+    prob = session.click(*CLICKS)
+    assert torch.isfinite(torch.as_tensor(prob)).all()
+    if adapter.rollbacks == 0:  # the weights stayed finite: the prediction must then be too
+        assert not same(start, weights(m))
+    session.finish()
+    assert same(start, weights(m))
+
+
+def test_missing_importance_and_cached_parameters_are_clear_errors():
+    m = small_module()
+    m.mas_importance = None
+    with pytest.raises(UserError, match="MAS importance missing"):
+        Adapter(m, ImageAdaptation(gamma=1.0), importance=None)
+    Adapter(m, ImageAdaptation(gamma=0.0))  # no penalty: no importance needed
+    with pytest.raises(UserError, match="cache=encoder cannot adapt 'net.encoder"):
+        Adapter(m, ImageAdaptation(parameters="all", cache="encoder", gamma=0.0))
+    with pytest.raises(UserError, match="cache=decoder cannot adapt 'net.aspp"):
+        Adapter(m, ImageAdaptation(parameters="decoder", cache="decoder", gamma=0.0))
+    with pytest.raises(UserError, match="image.lr=-1"):
+        ImageAdaptation(lr=-1)
+
+
+def test_decoder_ia_on_cached_encoder_features_changes_only_the_decoder():
+    m = small_module()
+    before = weights(m)
+    m.adapter = Adapter(m, ImageAdaptation(steps=3, lr=1e-2, gamma=0.0, parameters="decoder", cache="encoder"))
+    session = m.session(IMAGE)
+    c = session.net_clicks(CLICKS)
+    with torch.no_grad():
+        loss_before = adaptation_loss(m(session.net_image, c), c, None, lam=1.0)
+    session.click(*CLICKS)
+    with torch.no_grad():
+        loss_after = adaptation_loss(m(session.net_image, c), c, None, lam=1.0)
+    assert loss_after < loss_before
+    changed = {n for n in before if not torch.equal(before[n], weights(m)[n])}
+    assert changed and not any(n.startswith("net.encoder.") for n in changed)
+
+
+def test_variants_compose_without_restating(tmp_path):
+    adapt = ROOT / "configs" / "adapt"
+    ia_sa = read_variant("ia_sa", adapt)
+    assert ia_sa == {"image": read_variant("ia", adapt)["image"], "sequence": read_variant("sa", adapt)["sequence"]}
+    paper = variant_callback("paper/ia_sa", adapt)
+    assert (paper.image.steps, paper.image.lr, paper.sequence.lr, paper.sequence.gamma) == (10, 1e-6, 1e-6, 2.0)
+    assert variant_callback("fixed", adapt).image is None
+    inline = variant_callback({"name": "x", "image": "ia", "sequence": {"lr": 3e-5}}, adapt)
+    assert inline.image == paper.image.__class__(**read_variant("ia", adapt)["image"]) and inline.sequence.lr == 3e-5
+    (tmp_path / "bad.yaml").write_text("image: {steps: 3, rate: 1}\n")
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['rate'\]"):
+        variant_callback("bad", tmp_path)
+    (tmp_path / "loop.yaml").write_text("image: loop\n")
+    with pytest.raises(UserError, match="refers to itself"):
+        variant_callback("loop", tmp_path)
+
+
+def test_benchmark_adaptation_changes_the_ious_and_paper_presets_run(tiny_ckpt_with_importance, tmp_path):
     from lightning_app.cli import main
 
     out = tmp_path / "bench"
+    variants = "[fixed, ia_sa, ia_decoder, paper/ia_sa, {name: ia_fast, image: {steps: 5, lr: 0.01}}]"
     assert main(["benchmark", "--config", str(ROOT / "configs/benchmark.yaml"), "--ckpt", str(tiny_ckpt_with_importance),
-                 "--out_dir", str(out), "--variants", "[fixed, ia, sa, ia_sa, ia_decoder, ia_head]", "--max_clicks", "3",
-                 "--data.test", f"[{synthetic('fundus', 2)}]",
-                 "--data.num_workers", "0"]) == 0
+                 "--out_dir", str(out), "--variants", variants, "--max_clicks", "3",
+                 "--data.test", f"[{synthetic('fundus', 2)}]", "--data.num_workers", "0"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results["results"]["fundus"]) == ["fixed", "ia", "sa", "ia_sa", "ia_decoder", "ia_head"]
-    assert (out / "iou_at_k_vs_images.png").is_file()
-    fixed, ia = results["results"]["fundus"]["fixed"], results["results"]["fundus"]["ia"]
+    names = ["fixed", "ia_sa", "ia_decoder", "paper/ia_sa", "ia_fast"]
+    assert list(results["results"]["fundus"]) == names
+    assert (out / "iou_at_k_vs_images.png").is_file() and (out / "results.md").is_file()
+    objects = results["objects"]["fundus"]
+    assert objects["ia_fast"]["ious"] != objects["fixed"]["ious"], "strong IA must change some IoU"
+    fixed, ia = results["results"]["fundus"]["fixed"], results["results"]["fundus"]["ia_fast"]
     assert ia["seconds_per_click"] > fixed["seconds_per_click"]  # IA's gradient steps are timed per click
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("synchronize", [False, True])
 def test_ddp_two_cpu_processes(tiny_ckpt_with_importance, tmp_path, synchronize):
     adapt = tmp_path / "adapt"
     adapt.mkdir()
-    (adapt / "sa.yaml").write_text(
-        "callbacks:\n  - class_path: callbacks.adaptation.SequenceAdaptation\n"
-        f"    init_args: {{lr: 1.0e-3, synchronize: {str(synchronize).lower()}}}\n")
+    (adapt / "sa.yaml").write_text(f"sequence: {{lr: 1.0e-3, synchronize: {str(synchronize).lower()}}}\n")
     out = tmp_path / "bench"
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "lightning_app", "benchmark", "--ckpt", str(tiny_ckpt_with_importance),
@@ -248,5 +293,5 @@ def test_ddp_two_cpu_processes(tiny_ckpt_with_importance, tmp_path, synchronize)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["results"]["fundus"]["sa"]["n_objects"] == 5  # both ranks' shares, padding dropped
-    rows = (out / "per_object_iou.csv").read_text().splitlines()[1:]
-    assert sorted(int(r.split(",")[2].rsplit("/", 1)[1]) for r in rows) == [0, 1, 2, 3, 4]
+    names = results["objects"]["fundus"]["sa"]["names"]
+    assert sorted(int(n.rsplit("/", 1)[1]) for n in names) == [0, 1, 2, 3, 4]

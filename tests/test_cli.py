@@ -48,7 +48,8 @@ def test_benchmark_writes_results_and_resumes(tiny_ckpt, tmp_path, capsys):
             "--out_dir", str(out), *BENCH]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["protocol"] == {"max_clicks": 20, "iou_thresholds": [0.8, 0.85, 0.9]}
+    assert results["protocol"] == {"max_clicks": 20, "iou_thresholds": [0.8, 0.85, 0.9], "target_iou": 0.9,
+                                   "paper_thresholds": {"fundus": 0.9, "rooftop": 0.8}}
     assert list(results["results"]) == ["source", "fundus", "rooftop"]
     for ds, variants in results["results"].items():
         r = variants["fixed"]
@@ -65,6 +66,24 @@ def test_benchmark_writes_results_and_resumes(tiny_ckpt, tmp_path, capsys):
     assert main(args) == 0  # everything done: nothing is recomputed
     assert "already in" in capsys.readouterr().out
     assert (out / "results.json").stat().st_mtime_ns == before
+    assert main(args + ["--max_clicks", "5"]) == 2  # another protocol on the same folder: refused, nothing lost
+    assert "holds results of another checkpoint, protocol or data" in capsys.readouterr().err
+    assert (out / "results.json").stat().st_mtime_ns == before
+    assert main(args + ["--max_clicks", "5", "--iou_thresholds", "[0.5, 0.7]", "--fresh", "true"]) == 0
+    moved = list(out.glob("superseded-*/results.json"))
+    assert len(moved) == 1 and json.loads(moved[0].read_text())["protocol"]["max_clicks"] == 20
+    redone = json.loads((out / "results.json").read_text())
+    assert set(redone["results"]["fundus"]["fixed"]["noc"]) == {"50", "70"}  # outputs follow the thresholds
+    assert "NoC@70" in capsys.readouterr().out and "NoC@70" in (out / "results.md").read_text()
+
+
+def test_a_second_benchmark_on_the_same_folder_is_refused(tiny_ckpt, tmp_path):
+    from lightning_app.benchmark import locked
+
+    out = tmp_path / "bench"
+    with locked(out):
+        r = run_cli("benchmark", "--ckpt", str(tiny_ckpt), "--out_dir", str(out), *BENCH)
+    assert r.returncode == 2 and "is in use by another benchmark" in r.stderr.strip().splitlines()[-1]
 
 
 def test_print_config_is_complete():
@@ -99,3 +118,22 @@ def test_bad_input_is_one_clear_line(args, expected, tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert expected in r.stderr.strip().splitlines()[-1]
+
+
+def test_training_is_reproducible_and_resumes_exactly(tmp_path):
+    """The same config and seed give the same weights; a run stopped half-way and resumed ends
+    where an uninterrupted one does."""
+    def state(root):
+        return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+    extra = ["--model.iterative_start", "0.0", "--model.prev_mask", "true"]
+    assert main(tiny_fit_args(tmp_path / "a", steps=4) + extra) == 0
+    assert main(tiny_fit_args(tmp_path / "b", steps=4) + extra) == 0
+    stop = json.dumps({"class_path": "conftest.StopAt", "init_args": {"step": 2}})
+    assert main(tiny_fit_args(tmp_path / "c", steps=4) + extra + ["--trainer.val_check_interval", "2",
+                                                                  "--trainer.callbacks+", stop]) == 0
+    assert torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert main(tiny_fit_args(tmp_path / "c", steps=4) + extra + ["--ckpt_path", str(tmp_path / "c/checkpoints/last.ckpt")]) == 0
+    a, b, c = state(tmp_path / "a"), state(tmp_path / "b"), state(tmp_path / "c")
+    assert all(torch.equal(a[k], b[k]) for k in a), "same config and seed, different weights"
+    assert all(torch.equal(a[k], c[k]) for k in a), "a resumed run differs from an uninterrupted one"

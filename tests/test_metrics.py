@@ -39,7 +39,9 @@ def test_noc_caps_at_max_clicks():
 def test_summarize_schema():
     ious = np.random.default_rng(0).random((5, 20))
     s = summarize(ious)
-    assert set(s) == {"noc", "failures", "miou_at_click", "n_objects"}
+    assert set(s) == {"noc", "noc_ci95", "failures", "miou_at_click", "n_objects"}
+    lo, hi = s["noc_ci95"]["90"]
+    assert lo <= s["noc"]["90"] <= hi
     assert set(s["noc"]) == {"80", "85", "90"} and set(s["failures"]) == {"80", "85", "90"}
     assert len(s["miou_at_click"]) == 20 and s["n_objects"] == 5
     with pytest.raises(ValueError):
@@ -53,3 +55,23 @@ def test_sequence_drift_windows():
     ious[:, 3] = np.arange(10) / 10  # IoU@4 grows along the sequence
     d = sequence_drift(ious, click=4, window=100)  # shrinks to 5
     assert d == {"click": 4, "window": 5, "first": pytest.approx(0.2), "last": pytest.approx(0.7)}
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_objects():
+    from modules.metrics import bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    small, large = rng.integers(1, 21, 20).astype(float), rng.integers(1, 21, 500).astype(float)
+    lo, hi = bootstrap_interval(small)
+    assert lo < small.mean() < hi
+    lo2, hi2 = bootstrap_interval(large)
+    assert hi2 - lo2 < (hi - lo) / 2
+    assert bootstrap_interval(small) == bootstrap_interval(small)  # seeded
+
+
+def test_repeated_clicks_counts_same_sign_neighbours():
+    from modules.clicks import Click
+    from modules.metrics import repeated_clicks
+
+    clicks = [Click(10, 10, True), Click(11, 11, True), Click(11, 11, False), Click(30, 30, True), Click(10, 12, True)]
+    assert repeated_clicks(clicks) == 2  # (11, 11)+ next to (10, 10)+, and (10, 12)+; the negative one is new

@@ -3,7 +3,8 @@ import torch
 
 from modules.deeplab import DeepLabV3Plus
 from modules.errors import UserError
-from modules.interactive import InteractiveSegmentationModule, network_size, poly_lr_factor
+from modules.interactive import InteractiveSegmentationModule, poly_lr_factor
+from modules.session import network_size
 
 
 @pytest.mark.parametrize(
@@ -30,13 +31,19 @@ def test_unknown_backbone_and_stride_are_user_errors():
         DeepLabV3Plus("resnet10t", output_stride=32)
 
 
-def test_module_predictor_returns_original_resolution():
-    m = InteractiveSegmentationModule(aspp_channels=16, decoder_channels=16, eval_max_side=64).eval()
+@pytest.mark.parametrize("prev_mask", [False, True])
+def test_session_returns_original_resolution_and_feeds_the_previous_mask(prev_mask):
     from modules.clicks import Click
 
-    predict = m.predictor(torch.rand(1, 3, 90, 130))
-    prob = predict([Click(45, 60, True)])
-    assert prob.shape == (90, 130) and 0 <= prob.min() and prob.max() <= 1
+    m = InteractiveSegmentationModule(aspp_channels=16, decoder_channels=16, eval_max_side=64, prev_mask=prev_mask).eval()
+    assert m.net.encoder.feature_info.channels() and next(m.net.encoder.parameters()).shape[1] == (6 if prev_mask else 5)
+    session = m.session(torch.rand(1, 3, 90, 130))
+    prob = session.click(Click(45, 60, True))
+    assert prob.shape == (90, 130) and 0 <= prob.min() and prob.max() <= 1 and session.net_hw == (32, 64)
+    assert session._prev_input() is None  # the first click sees no previous mask, as in training
+    session.click(Click(10, 10, False))
+    assert session._prev_input() is session.history[0]
+    assert (session.undo() == session.probability).all() and len(session.clicks) == 1
 
 
 def test_network_size_and_poly_schedule():

@@ -53,11 +53,12 @@ def test_ignore_pixels_are_neither_errors_nor_clickable():
     assert c.positive and c.x >= 10 and not ignore2[c.y, c.x]
 
 
-def test_no_error_means_no_click_and_determinism():
+def test_no_error_means_no_click_and_ties_go_to_the_first_pixel_in_row_major_order():
     gt = square(16, 16, 4, 12, 4, 12)
     assert next_click(gt, gt) is None
-    pred = np.zeros_like(gt)
-    assert next_click(pred, gt) == next_click(pred, gt)
+    twins = square(20, 20, 11, 16, 2, 7) | square(20, 20, 2, 7, 12, 17)  # two equally deep misses
+    c = next_click(np.zeros_like(twins), twins)
+    assert (c.y, c.x, c.positive) == (4, 14, True)  # the centre of the upper one, first in row-major order
 
 
 def test_initial_clicks_respect_the_mask_and_strategies():

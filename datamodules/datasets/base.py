@@ -100,6 +100,7 @@ class IndexedObjects:
         everything = list(self.index())
         self.objects = [o for o in everything if o.area >= min_area]
         self.skipped = len(everything) - len(self.objects)
+        self.example_skipped = next((o for o in everything if o.area < min_area), None)
         if not self.objects:
             raise UserError(f"{self.name} at '{self.root}': no object of at least {min_area} px "
                             f"({len(everything)} smaller ones)")

@@ -3,9 +3,9 @@
 ==========  =====================  ==============================================
 dataset     folders                masks
 ==========  =====================  ==============================================
-grabcut     data_GT/, boundary_GT/ ``<id>.bmp``: 255 object, 128 band to ignore
-berkeley    images/, masks/        ``<id>[a-z]?.png``: several masks per image
-davis       img/, gt/              ``<id>.png``: > 0 object
+grabcut     data_GT/, boundary_GT/ ``<id>.bmp``: > 128 object, 128 band to ignore
+berkeley    images/, masks/        ``<id>[a-z]?.png``: > 0 object; several masks per image
+davis       img/, gt/              ``<id>.png``: > 0 object (palette PNGs: the index)
 coco_mval   img/, gt/              ``<id>.png``: > 0 object
 ==========  =====================  ==============================================
 
@@ -27,10 +27,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 IGNORE_VALUE = 128  # GrabCut's unknown band
 
 
-def mask_target(mask_values: np.ndarray) -> Target:
-    """Object > 128 and ignore == 128 (GrabCut), object > 0 for plain 0/255 or 0/1 masks."""
-    ignore = mask_values == IGNORE_VALUE
-    return Target(mask_values > IGNORE_VALUE if ignore.any() else mask_values > 0, ignore)
+def mask_target(mask_values: np.ndarray, ignore_band: bool = False) -> Target:
+    """RITM's rule: object where the mask's value (``datamodules.io.read_mask``: palette index,
+    gray value, or largest colour channel) is > 0; GrabCut (``ignore_band``): 128 is the band
+    to ignore and > 128 the object."""
+    if ignore_band:
+        return Target(mask_values > IGNORE_VALUE, mask_values == IGNORE_VALUE)
+    return Target(mask_values > 0, np.zeros(mask_values.shape, bool))
 
 
 class MaskFolderObjects(IndexedObjects):
@@ -38,6 +41,7 @@ class MaskFolderObjects(IndexedObjects):
 
     images_dir = "images"
     masks_dir = "masks"
+    ignore_band = False
 
     def index(self) -> Iterable[ObjectRef]:
         image_dir = require_dir(self.root / self.images_dir, f"{self.name} image folder")
@@ -47,16 +51,16 @@ class MaskFolderObjects(IndexedObjects):
             stem = path.stem if path.stem in images else re.sub(r"[a-z]+$", "", path.stem)
             if stem not in images:
                 raise UserError(f"mask '{path}' has no image '{stem}.*' in '{image_dir}'")
-            t = mask_target(read_mask(path))
+            t = mask_target(read_mask(path), self.ignore_band)
             yield ObjectRef(images[stem], path, path.stem if path.stem != stem else None, UNKNOWN_CLASS,
                             int(t.mask.sum()))
 
     def target(self, ref: ObjectRef, shape: tuple[int, int]) -> Target:
-        return mask_target(read_mask(ref.annotation))
+        return mask_target(read_mask(ref.annotation), self.ignore_band)
 
 
 class GrabCutObjects(MaskFolderObjects):
-    name, images_dir, masks_dir = "grabcut", "data_GT", "boundary_GT"
+    name, images_dir, masks_dir, ignore_band = "grabcut", "data_GT", "boundary_GT", True
 
 
 class BerkeleyObjects(MaskFolderObjects):

@@ -23,24 +23,14 @@ from typing import Iterable, Literal
 
 import numpy as np
 import scipy.io
-from PIL import Image
-
 from datamodules.datasets.base import (
     IndexedObjects, ObjectRef, Target, instance_areas, instance_target, read_split_list, require_file)
+from datamodules.io import read_mask
 from modules.errors import UserError
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 VOID = 255
-
-
-def read_palette_png(path: Path) -> np.ndarray:
-    """The palette indices of a VOC PNG (not its colours)."""
-    try:
-        with Image.open(require_file(path, "mask")) as im:
-            return np.array(im)
-    except OSError as e:
-        raise UserError(f"mask '{path}' cannot be decoded (expected a palette PNG): {e}") from e
 
 
 def majority(values: np.ndarray) -> int:
@@ -61,8 +51,8 @@ class VOCObjects(IndexedObjects):
     def index(self) -> Iterable[ObjectRef]:
         for image_id in read_split_list(self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt"):
             inst_path = self.root / "SegmentationObject" / f"{image_id}.png"
-            inst = read_palette_png(inst_path)
-            cls = read_palette_png(self.root / "SegmentationClass" / f"{image_id}.png")
+            inst = read_mask(inst_path)
+            cls = read_mask(self.root / "SegmentationClass" / f"{image_id}.png")
             if cls.shape != inst.shape:
                 raise UserError(f"mask '{inst_path}' and its SegmentationClass differ in size")
             for k, area in instance_areas(inst, exclude=(0, VOID)).items():
@@ -70,7 +60,7 @@ class VOCObjects(IndexedObjects):
                                 majority(cls[inst == k]), area)
 
     def target(self, ref: ObjectRef, shape: tuple[int, int]) -> Target:
-        inst = read_palette_png(ref.annotation)
+        inst = read_mask(ref.annotation)
         return instance_target(inst, ref.key, inst == VOID)
 
 
