@@ -1,1 +1,2 @@
-"""Lightning callbacks: benchmark recording (and, later, test-time adaptation)."""
+"""Lightning callbacks: test-time adaptation (a thin wrapper of ``modules.adaptation``), benchmark
+recording, run checkpoints and plain-text progress."""

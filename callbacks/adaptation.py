@@ -5,8 +5,8 @@ module's ``adapter``; this callback builds that adapter when testing starts (on 
 with the gradient averaging SA's ``synchronize`` asks for) and removes it afterwards.
 
 A variant (``configs/adapt/<name>.yaml``) holds ``image:`` (IA's settings) and/or ``sequence:``
-(SA's); a value that is a string takes that part from another variant, so IA+SA restates
-nothing::
+(SA's), or ``random_walker:`` (a classical baseline instead of the network); a value that is a
+string takes that part from another variant, so IA+SA restates nothing::
 
     image: ia          # configs/adapt/ia.yaml's image settings
     sequence: sa       # configs/adapt/sa.yaml's sequence settings
@@ -22,9 +22,10 @@ import torch.distributed as dist
 import yaml
 
 from modules.adaptation import Adapter, ImageAdaptation, SequenceAdaptation, settings
+from modules.classical import RandomWalker
 from modules.errors import UserError
 
-PARTS = {"image": ImageAdaptation, "sequence": SequenceAdaptation}
+PARTS = {"image": ImageAdaptation, "sequence": SequenceAdaptation, "random_walker": RandomWalker}
 
 
 def average_across_ranks(tensors) -> None:
@@ -64,6 +65,25 @@ class TestTimeAdaptation(pl.Callback):
         pl_module.adapter = None
 
 
+class ClassicalBaseline(pl.Callback):
+    """Benchmark a classical method (``modules.classical``) in place of the network: the module's
+    test step then plays every object on it, with the same simulated user.
+
+    Args:
+        method: the method, e.g. ``modules.classical.RandomWalker(beta=90)``.
+    """
+
+    def __init__(self, method: RandomWalker):
+        self.method = method
+        self.adapter = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.classical = self.method
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.classical = None
+
+
 def resolve_parts(raw: Any, adapt_dir: str | Path, where: str, seen: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """A variant's ``image`` / ``sequence`` settings, with parts that name another variant read
     from ``<adapt_dir>/<name>.yaml``."""
@@ -99,7 +119,7 @@ def read_variant(name: str, adapt_dir: str | Path, seen: tuple[str, ...] = ()) -
     return resolve_parts(raw, adapt_dir, f"variant config '{path}'", seen + (name,))
 
 
-def variant_callback(variant: str | dict[str, Any], adapt_dir: str | Path) -> TestTimeAdaptation:
+def variant_callback(variant: str | dict[str, Any], adapt_dir: str | Path) -> TestTimeAdaptation | ClassicalBaseline:
     """A fresh callback for a variant: a name (``fixed``: no part, the weights never change) or
     an inline ``{name: ..., image: ..., sequence: ...}``."""
     if isinstance(variant, str):
@@ -110,4 +130,8 @@ def variant_callback(variant: str | dict[str, Any], adapt_dir: str | Path) -> Te
             raise UserError(f"inline variant {variant!r:.200}: needs a 'name'")
         parts = resolve_parts({k: v for k, v in variant.items() if k != "name"}, adapt_dir, f"variant '{name}'")
     built = {part: settings(PARTS[part], values, f"variant '{name}': {part}") for part, values in parts.items()}
+    if "random_walker" in built:
+        if len(built) > 1:
+            raise UserError(f"variant '{name}': a classical method does not adapt (no image/sequence with it)")
+        return ClassicalBaseline(built["random_walker"])
     return TestTimeAdaptation(**built)

@@ -1,0 +1,1 @@
+"""Data: the embedded procedural domains, the on-disk datasets, the training stream and views."""

@@ -68,6 +68,9 @@ class Selection:
     def class_of(self, index: int) -> int:
         return self.source.class_of(self.indices[index])
 
+    def key_of(self, index: int):
+        return self.source.key_of(self.indices[index])
+
 
 class Concat:
     """Several sources read as one (e.g. VOC + SBD for training)."""

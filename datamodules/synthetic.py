@@ -196,7 +196,16 @@ def _roof_polygon(rng: np.random.Generator, cy: float, cx: float, length: float,
     return cv2.boxPoints(((cx, cy), (length, width), angle))
 
 
+ROOF_COLOURS = np.array([[150, 150, 155], [160, 80, 60], [110, 85, 70], [60, 60, 65], [120, 110, 85], [95, 105, 80]],
+                        np.float32)
+"""Tiles, slate, tar, and the mossy or dusty shades that sit close to the ground's own colours."""
+
+
 def render_rooftop(rng: np.random.Generator, size: int) -> Scene:
+    """Aerial tiles: ground, a road, then a terrace of 1-3 attached buildings (each roof its own
+    object; neighbours share a wall and differ only in shade), gable or hip roofs whose facets
+    the sun lights differently, in colours close to the ground's, shadows, and trees that may
+    hide roof edges."""
     h = w = size
     g1 = np.array([rng.uniform(70, 110), rng.uniform(90, 130), rng.uniform(50, 80)], np.float32)
     g2 = np.array([rng.uniform(120, 160), rng.uniform(110, 140), rng.uniform(80, 110)], np.float32)
@@ -210,41 +219,52 @@ def render_rooftop(rng: np.random.Generator, size: int) -> Scene:
         img[road > 0] = rng.uniform(90, 130)
     instances = np.zeros((h, w), np.int32)
     sun = rng.uniform(0, 2 * np.pi)
-    for k in range(1, int(rng.integers(1, 4)) + 1):
-        length, width = size * rng.uniform(0.32, 0.6), size * rng.uniform(0.22, 0.36)
-        cy, cx, angle = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0, 180)
-        box = _roof_polygon(rng, cy, cx, length, width, angle)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, 180)
+    a = np.deg2rad(angle)
+    axis = np.array([np.cos(a), np.sin(a)])  # along the terrace (x, y)
+    cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
+    # seen from above, roofing takes on the colour of the dust and moss around it: low contrast
+    mix = rng.uniform(0.25, 0.7)
+    base = mix * ROOF_COLOURS[int(rng.integers(len(ROOF_COLOURS)))] * rng.uniform(0.8, 1.2) \
+        + (1 - mix) * img.reshape(-1, 3).mean(axis=0)
+    count = int(rng.integers(1, 4))
+    lengths = size * rng.uniform(0.22, 0.42, count)
+    width = size * rng.uniform(0.22, 0.34)
+    offset = -lengths.sum() / 2
+    for k in range(1, count + 1):
+        length = lengths[k - 1]
+        centre = np.array([cx, cy]) + axis * (offset + length / 2)
+        offset += length
         roof = np.zeros((h, w), np.uint8)
-        cv2.fillPoly(roof, [np.round(box).astype(np.int32)], 1)
-        if rng.random() < 0.4:  # L-shaped building: a wing at one end
-            a = np.deg2rad(angle)
-            wy, wx = cy + 0.35 * length * np.sin(a), cx + 0.35 * length * np.cos(a)
-            wing = _roof_polygon(rng, wy + 0.3 * length * np.cos(a), wx - 0.3 * length * np.sin(a), width, length * 0.6, angle)
-            cv2.fillPoly(roof, [np.round(wing).astype(np.int32)], 1)
-        roof_b = roof.astype(bool)
-        if roof_b.sum() < 40 or (roof_b & _near(instances > 0, 2)).any():  # buildings do not overlap
+        cv2.fillPoly(roof, [np.round(_roof_polygon(rng, centre[1], centre[0], length, width * rng.uniform(0.9, 1.1),
+                                                   angle)).astype(np.int32)], 1)
+        roof_b = roof.astype(bool) & (instances == 0)
+        if roof_b.sum() < 40:
             continue
         d = size * 0.06
-        shadow = np.roll(np.roll(roof_b, int(d * np.sin(sun)), 0), int(d * np.cos(sun)), 1) & ~roof_b
-        img[shadow & (instances == 0)] *= 0.45
-        colour = [np.array([150, 150, 155]), np.array([160, 80, 60]), np.array([110, 85, 70]), np.array([60, 60, 65])][
-            int(rng.integers(0, 4))
-        ].astype(np.float32) * rng.uniform(0.8, 1.2)
-        # gable: the two halves either side of the ridge are lit differently
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        a = np.deg2rad(angle)
-        across = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
-        lit = np.where(across > 0, rng.uniform(1.05, 1.3), rng.uniform(0.6, 0.85)).astype(np.float32)
-        tiles = 0.92 + 0.08 * np.sin(across * 2 * np.pi / rng.uniform(2.5, 4.0))
-        shaded = colour[None, None] * (lit * tiles)[..., None]
-        img[roof_b] = shaded[roof_b]
+        shadow = np.roll(np.roll(roof_b, int(d * np.sin(sun)), 0), int(d * np.cos(sun)), 1) & ~roof_b & (instances == 0)
+        img[shadow] *= 0.45
+        colour = base * rng.uniform(0.85, 1.15, 3)  # neighbours: the same roofing, another shade
+        along = (xx - centre[0]) * np.cos(a) + (yy - centre[1]) * np.sin(a)
+        across = -(xx - centre[0]) * np.sin(a) + (yy - centre[1]) * np.cos(a)
+        if rng.random() < 0.5:  # gable: two facets either side of the ridge
+            facet = np.where(across > 0, 0, 2)
+        else:  # hip: four facets, the end ones meeting the ridge
+            end = np.abs(along) - (length - width) / 2 > np.abs(across)
+            facet = np.where(end, np.where(along > 0, 1, 3), np.where(across > 0, 0, 2))
+        normals = a + np.array([np.pi / 2, 0.0, -np.pi / 2, np.pi])  # each facet's downhill direction
+        light = (1.0 + 0.3 * np.cos(normals - sun)).astype(np.float32)
+        tiles = 0.92 + 0.08 * np.sin(np.where(facet % 2 == 0, across, along) * 2 * np.pi / rng.uniform(2.5, 4.0))
+        img[roof_b] = (colour[None, None] * (light[facet] * tiles)[..., None])[roof_b]
         instances[roof_b] = k
-    for _ in range(int(rng.integers(2, 8))):  # trees
+    for _ in range(int(rng.integers(2, 8))):  # trees, over roof edges too
         ty, tx = rng.uniform(0, h), rng.uniform(0, w)
         tree = np.zeros((h, w), np.uint8)
         cv2.circle(tree, (int(tx), int(ty)), int(size * rng.uniform(0.025, 0.06)), 1, -1)
-        tree_b = tree.astype(bool) & (instances == 0)
+        tree_b = tree.astype(bool)
         img[tree_b] = np.array([40, 70, 35], np.float32) * rng.uniform(0.7, 1.2)
+        instances[tree_b] = 0
     return Scene(_finish(img, rng, blur=rng.uniform(0.4, 0.9), noise=rng.uniform(3, 7)), instances)
 
 

@@ -1,1 +1,3 @@
-"""Entry points: ``python -m lightning_app {fit,validate,test,benchmark} ...``."""
+"""Entry points: ``python -m lightning_app <command>`` (fit, validate, test, benchmark, importance,
+evolve, app, app-benchmark, images), the benchmark and evolution runners, the annotation app and
+the reporter."""

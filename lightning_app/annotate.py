@@ -28,7 +28,7 @@ from datamodules.objects import image_to_tensor
 from lightning_app.checkpoints import file_digest, load_module
 from lightning_app.importance import load_importance
 from modules.adaptation import Adapter
-from modules.clicks import Click
+from modules.clicks import Click, clicks_to_rows
 from modules.errors import UserError
 from modules.io import atomic_write, atomic_write_text
 
@@ -101,7 +101,7 @@ class CocoStore:
                "area": float(coco_mask.area(rle)), "bbox": [float(v) for v in coco_mask.toBbox(rle)]}
         self.annotations.append(ann)
         self.clicks.append({"annotation_id": ann["id"], "image": str(self.images[image_id]),
-                            "clicks": [[c.y, c.x, 1 if c.positive else -1] for c in clicks]})
+                            "clicks": clicks_to_rows(clicks)})
         self.write()
         return ann
 

@@ -25,8 +25,10 @@ warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many worke
 from jsonargparse import ActionConfigFile, ArgumentParser  # noqa: E402
 from pytorch_lightning.cli import LightningCLI  # noqa: E402
 
+from callbacks.checkpoint import checkpoint_dir  # noqa: E402
 from datamodules.datamodule import InteractiveDataModule  # noqa: E402
 from lightning_app.app import serve_app  # noqa: E402
+from lightning_app.app_benchmark import app_benchmark, export_images  # noqa: E402
 from lightning_app.benchmark import run_benchmark  # noqa: E402
 from lightning_app.evolve import run_evolution  # noqa: E402
 from lightning_app.importance import compute_importance  # noqa: E402
@@ -39,7 +41,8 @@ from modules.interactive import InteractiveSegmentationModule  # noqa: E402
 for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
-FUNCTIONS = {"benchmark": run_benchmark, "importance": compute_importance, "evolve": run_evolution, "app": serve_app}
+FUNCTIONS = {"benchmark": run_benchmark, "importance": compute_importance, "evolve": run_evolution, "app": serve_app,
+             "app-benchmark": app_benchmark, "images": export_images}
 """Subcommands that are plain functions (of options, and of ``data`` when they take it)."""
 
 
@@ -103,10 +106,23 @@ class CLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}  # the model has no predict step
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would read model hyperparameters out of a given --ckpt_path (and fail on a
+        # corrupt one with a traceback); here the config is the source of truth: only check it.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and ckpt_path != "last":
+            resolve_checkpoint(ckpt_path, None)
+
     def before_fit(self) -> None:
         callback = self.trainer.checkpoint_callback
+        folder = None if callback is None else (callback.dirpath or checkpoint_dir(self.trainer))
         config = self.config_init["fit"]
-        config["ckpt_path"] = resolve_checkpoint(config.get("ckpt_path"), getattr(callback, "dirpath", None))
+        config["ckpt_path"] = resolve_checkpoint(config.get("ckpt_path"), folder)
+
+
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+"""What every training run shares (``fit`` reads it before the run's ``--config``)."""
 
 
 def lightning_main(argv: list[str]) -> None:
@@ -115,7 +131,7 @@ def lightning_main(argv: list[str]) -> None:
         InteractiveDataModule,
         args=None if argv == sys.argv[1:] else argv,  # LightningCLI warns when given both
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"allow_abbrev": False},
+        parser_kwargs={"allow_abbrev": False, "fit": {"default_config_files": [str(BASE_CONFIG)], "allow_abbrev": False}},
     )
 
 
@@ -128,6 +144,8 @@ USAGE = """usage: python -m lightning_app <command> [options]   (<command> --hel
   importance  MAS importance of a checkpoint (for adaptation with gamma > 0)
   evolve      life-long evolution through a sequence of datasets (paper B)
   app         the annotation app (a local web page)
+  app-benchmark  the app's click -> mask latency per adaptation mode
+  images      write a dataset's images as PNG files (e.g. to annotate in the app)
 """
 
 
@@ -140,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     if argv[0] not in FUNCTIONS and argv[0] not in CLI.subcommands():
-        print(f"error: unknown command '{argv[0]}'\n{USAGE}", file=sys.stderr)
+        print(f"{USAGE}\nerror: unknown command '{argv[0]}' (the commands are listed above)", file=sys.stderr)
         return 2
     try:
         if argv[0] in FUNCTIONS:

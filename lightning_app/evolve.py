@@ -1,133 +1,184 @@
 """``evolve``: paper B's life-long evolution over a sequence of datasets (sec. 3.4).
 
-For each stage, in order, from the initial model (trained with masks, ``configs/evolve/init.yaml``):
+From the initial model (trained with masks, ``configs/evolve/init.yaml``), each stage
+(:class:`Stage`) in order:
 
-1. the simulated users click three times on every object of the stage's dataset
-   (``interactions.json``; the only read of its masks, ``datamodules.evolution``);
-2. the stage's starting model predicts coarse pseudo masks from those clicks, IPT refines them,
-   the classifier judges each object's class (``pseudo.npz``); how good the masks are is
-   measured against the ground truth for the report only (``pseudo_quality.json``);
-3. the model trains from the previous stage's weights on pairs of a new object and an object of
-   all earlier data (the initial dataset with its masks, earlier stages with their pseudo
-   masks), Eq. 11; checkpoints every epoch, so a killed stage resumes where it stopped;
-4. the evolved model (``model.ckpt``, a plain model checkpoint: its presence marks the stage
-   complete) is benchmarked on every dataset seen so far.
+1. takes the users' clicks on every object of the stage's dataset (``interactions.json``: the
+   simulated users' three clicks, the one read of its masks; or a file of real clicks, e.g. the
+   annotation app's);
+2. makes pseudo masks from them with the previous stage's model and IPT (``modules.pseudo``),
+   with the classifier's verdicts (``pseudo.npz``); their quality against the ground truth is
+   measured for the report only (Table 3);
+3. trains from the previous stage's weights on pairs of a new object and an object of all earlier
+   data (the initial dataset with its masks, earlier stages with their pseudo masks and
+   verdicts), Eq. 11; checkpoints every epoch, so a killed stage resumes where it stopped;
+4. writes ``model.ckpt`` (a plain model checkpoint; its presence marks the stage complete) and is
+   benchmarked on every dataset seen so far.
 
-``results.json`` holds the stage-by-dataset table (3-click mIoU, NoC@85/90 with corrective
-clicks after the three), mirrored in ``table.csv``, ``table.png`` and wandb.
+Every stage folder holds ``stage.json``, the settings that determine it (its data, the method,
+the previous stage's); a folder made with other settings is never reused. ``supervision:
+ground_truth`` trains on the ground-truth masks instead (the paper's upper bound).
 """
 from __future__ import annotations
 
-import csv
-import io
+import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from rich.progress import track
 from torch.utils.data import DataLoader
 
+from callbacks.progress import ProgressLog
 from datamodules.datamodule import InteractiveDataModule
-from datamodules.evolution import (MaskFree, PairedObjects, PseudoLabelled, load_pseudo_masks, record_interactions,
-                                   save_pseudo_masks)
+from datamodules.evolution import MaskFree, PairedObjects, PseudoLabelled, load_pseudo_masks, record_interactions, save_pseudo_masks
 from datamodules.objects import ObjectSource, TrainObjects, image_to_tensor
 from datamodules.registry import Concat, build_source
 from lightning_app import report
 from lightning_app.benchmark import run_benchmark
-from lightning_app.checkpoints import load_module
-from modules.clicks import Click
+from lightning_app.checkpoints import file_digest, load_module
 from modules.errors import UserError
-from modules.evolution import known_class
 from modules.evolution_module import EvolutionModule
-from modules.interactive import InteractiveSegmentationModule
-from modules.io import AtomicCheckpointIO, atomic_write, atomic_write_text
-from modules.ipt import refine_pseudo_mask
+from modules.io import AtomicCheckpointIO, atomic_write_text
+from modules.ipt import IPT_COMPONENTS
 from modules.metrics import iou
+from modules.pseudo import PseudoLabelling, pseudo_label
 
 Entry = dict[str, Any]
 
+IPT_TABLE = {  # paper B, Table 3: which prototypes, and whether the label maps vote
+    "coarse": ((), True),
+    "global": (("global",), False),
+    "centre": (("centre",), False),
+    "edge": (("edge",), False),
+    "global+centre+edge": (IPT_COMPONENTS, False),
+    "global+merged, vote": (IPT_COMPONENTS, True),
+}
 
-@torch.no_grad()
-def pseudo_label(model: InteractiveSegmentationModule, images: MaskFree, interactions: list[list[Click]],
-                 known_classes: int, known_threshold: float = 0.5, ipt: dict | None = None,
-                 seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
-    """Coarse and IPT-refined pseudo masks (original resolution) and the classifier's verdict
-    (class id or -1) for every object, from its image and the users' clicks alone. IPT (with
-    ``ipt``'s overrides of :func:`refine_pseudo_mask`'s parameters) runs at the network's
-    resolution on the L2-normalised decoder features."""
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pseudo_masks(model, images: MaskFree, interactions: list, known_classes: int, options: PseudoLabelling,
+                 seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """Coarse and refined pseudo masks and verdicts of every object (``modules.pseudo``)."""
     model.eval()
-    coarse_masks, refined_masks, verdicts = [], [], []
-    for i in track(range(len(images)), description=f"pseudo masks {images.name}"):
+    coarse, refined, verdicts = [], [], []
+    for i in track(range(len(images)), description=f"pseudo masks {images.name}", transient=True):
         image = image_to_tensor(images.get_image(i))[None].to(model.device)
-        session = model.session(image)
-        clicks = session.net_clicks(interactions[i])
-        out = model.outputs(session.net_image, clicks)
-        net_hw = session.net_hw
-        up = lambda t: F.interpolate(t, size=net_hw, mode="bilinear", align_corners=False)  # noqa: E731
-        coarse = (out["logits"] > 0)[0, 0].cpu().numpy()
-        refined = coarse
-        if coarse.any():
-            positive = next(c for c in clicks[0].tolist() if c[2] > 0)
-            click = (min(max(round(positive[0]), 0), net_hw[0] - 1), min(max(round(positive[1]), 0), net_hw[1] - 1))
-            refined = refine_pseudo_mask(F.normalize(up(out["features"]), dim=1)[0].cpu(), coarse,
-                                         torch.sigmoid(up(out["binary"]))[0, 0].cpu().numpy(), click,
-                                         np.random.default_rng([seed, i]), **(ipt or {}))["mask"]
-        back = lambda m: _resize_mask(m, session.hw)  # noqa: E731
-        coarse_masks.append(back(coarse))
-        refined_masks.append(back(refined))
-        verdicts.append(int(known_class(out["classes"], known_classes, known_threshold)[0]))
-    return coarse_masks, refined_masks, verdicts
+        c, r, v = pseudo_label(model, image, interactions[i], known_classes, np.random.default_rng([seed, i]), options)
+        coarse.append(c)
+        refined.append(r)
+        verdicts.append(v)
+    return coarse, refined, verdicts
 
 
-def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    if mask.shape == tuple(hw):
-        return mask
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return (F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0] > 0.5).numpy()
+def pseudo_mask_quality(source: ObjectSource, masks: dict[str, list[np.ndarray]]) -> dict:
+    """mIoU of each set of pseudo masks against the ground truth, with its bootstrap interval
+    (paper B's Table 3). A measurement for the report; nothing trains on it."""
+    from modules.metrics import bootstrap_interval
+
+    samples = [source.get_sample(i) for i in range(len(source))]
+    out = {}
+    for name, ms in masks.items():
+        ious = [iou(m, s.mask, s.ignore) if (m.any() or s.mask.any()) else 1.0 for m, s in zip(ms, samples)]
+        out[name] = {"miou": float(np.mean(ious)), "ci95": bootstrap_interval(np.asarray(ious))}
+    out["n_objects"] = len(samples)
+    return out
 
 
-def pseudo_mask_quality(source: ObjectSource, coarse: list[np.ndarray], refined: list[np.ndarray]) -> dict:
-    """mIoU of the pseudo masks before and after IPT against the ground truth (paper B's
-    Table 3). A measurement for the report; nothing trains on it."""
-    before, after = [], []
-    for i in range(len(source)):
-        s = source.get_sample(i)
-        before.append(iou(coarse[i], s.mask, s.ignore) if (coarse[i].any() or s.mask.any()) else 1.0)
-        after.append(iou(refined[i], s.mask, s.ignore) if (refined[i].any() or s.mask.any()) else 1.0)
-    return {"coarse_miou": float(np.mean(before)), "ipt_miou": float(np.mean(after)), "n_objects": len(source),
-            "empty_coarse": int(sum(not m.any() for m in coarse))}
+class Stage:
+    """One evolution stage in its folder: interactions, pseudo masks, training, the evolved model.
+    Each step's output is a file; a rerun does only what is missing."""
 
+    def __init__(self, folder: Path, name: str, settings: dict):
+        self.folder, self.name, self.settings = folder, name, settings
+        self.key = settings_key(settings)
+        self.model_path = folder / "model.ckpt"
 
-def _classes(source: ObjectSource) -> list[int]:
-    """Class ids of the objects of a replay source (-1 where it has none)."""
-    if not hasattr(source, "class_of"):
-        return [-1] * len(source)
-    return [source.class_of(i) for i in track(range(len(source)), description=f"classes of {source.name}")]
+    def claim(self, fresh: bool) -> None:
+        """Mark the folder as this stage's; a folder made with other settings is refused (or, with
+        ``fresh``, moved aside)."""
+        marker = self.folder / "stage.json"
+        if marker.is_file():
+            old = json.loads(marker.read_text())
+            if old.get("key") == self.key:
+                return
+            if not fresh:
+                raise UserError(f"{self.folder} holds stage '{self.name}' made with other settings (its data, the "
+                                f"method or an earlier stage changed): choose another --out_dir, or --fresh true to "
+                                f"move it aside")
+            aside = self.folder.with_name(f"{self.folder.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.folder.rename(aside)
+            print(f"stage '{self.name}': earlier work moved to {aside}")
+        atomic_write_text(marker, json.dumps({"key": self.key, "settings": self.settings}, indent=1, default=str) + "\n")
+
+    def masks(self, previous: str, source: ObjectSource, known: int, options: PseudoLabelling, supervision: str,
+              clicks_file: str | None, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+        path = self.folder / "pseudo.npz"
+        if not path.is_file():
+            if supervision == "ground_truth":  # the upper bound: masks from the annotation, no clicks
+                truth = [source.get_sample(i).mask for i in range(len(source))]
+                save_pseudo_masks(path, truth, truth, [-1] * len(truth))
+            else:
+                interactions = record_interactions(source, self.folder / "interactions.json", clicks_file)
+                save_pseudo_masks(path, *pseudo_masks(load_module(previous), MaskFree(source), interactions, known,
+                                                      options, seed))
+        return load_pseudo_masks(path)
+
+    def train(self, module: EvolutionModule, pairs: PairedObjects, epochs: int, batch_size: int, num_workers: int,
+              accelerator: str, wandb_project: str, group: str, seed: int) -> None:
+        if len(pairs) < batch_size:
+            raise UserError(f"stage '{self.name}': {len(pairs)} objects with a pseudo mask, fewer than batch_size={batch_size}")
+        pl.seed_everything(seed, workers=True, verbose=False)
+        loader = DataLoader(pairs, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
+                            persistent_workers=num_workers > 0)
+        last = self.folder / "checkpoints" / "last.ckpt"
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=1, max_epochs=epochs, default_root_dir=str(self.folder),
+            logger=WandbLogger(project=wandb_project, name=f"evolve/{self.name}", group=group, save_dir=str(self.folder),
+                               job_type="evolve"),
+            callbacks=[ModelCheckpoint(dirpath=last.parent, filename="{epoch}", save_last=True, every_n_epochs=1,
+                                       enable_version_counter=False), ProgressLog(every=60)],
+            plugins=[AtomicCheckpointIO()], log_every_n_steps=10, enable_model_summary=False, enable_progress_bar=False,
+        )
+        if last.is_file():
+            print(f"stage '{self.name}': resuming from {last}")
+        trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
+        if trainer.logger is not None and hasattr(trainer.logger, "experiment"):
+            trainer.logger.experiment.finish()
+        module.export(self.model_path)
 
 
 def run_evolution(
     init_ckpt: str = "runs/evolve_init/checkpoints/last.ckpt",
     stages: list[str] = ["fundus", "rooftop"],  # noqa: B006
-    catalog: dict[str, dict[str, Entry]] = {  # noqa: B006
+    catalog: dict[str, dict[str, Any]] = {  # noqa: B006
         "fundus": {"train": {"dataset": "synthetic", "domain": "fundus", "length": 400, "seed": 5},
-                   "test": {"dataset": "synthetic", "domain": "fundus", "length": 60, "seed": 2}},
+                   "test": {"dataset": "synthetic", "domain": "fundus", "length": 200, "seed": 2}},
         "rooftop": {"train": {"dataset": "synthetic", "domain": "rooftop", "length": 400, "seed": 5},
-                    "test": {"dataset": "synthetic", "domain": "rooftop", "length": 60, "seed": 2}},
+                    "test": {"dataset": "synthetic", "domain": "rooftop", "length": 200, "seed": 2}},
     },
-    source_replay: Entry = {"dataset": "synthetic", "domain": "source", "length": 2000, "seed": 0},  # noqa: B006
-    source_test: Entry = {"dataset": "synthetic", "domain": "source", "length": 60, "seed": 2},  # noqa: B006
+    source_replay: Entry = {"dataset": "synthetic", "domain": "source", "length": 20000, "seed": 0},  # noqa: B006
+    source_test: Entry = {"dataset": "synthetic", "domain": "source", "length": 300, "seed": 2},  # noqa: B006
     out_dir: str = "runs/evolve",
+    supervision: Literal["clicks", "ground_truth"] = "clicks",
     ipt: bool = True,
+    ipt_options: dict[str, Any] = {},  # noqa: B006
+    ipt_table: bool = False,
     feature_alignment: bool = True,
-    ipt_options: dict[str, float] = {},  # noqa: B006
-    known_threshold: float = 0.5,
+    alignment_features: Literal["deep", "decoder"] = "deep",
+    alignment_weight: float = 1.0,
+    max_squares_weight: float = 1.0,
+    unknown_terms: list[str] = ["global"],  # noqa: B006
+    corrective_clicks: bool = True,
     epochs: int = 6,
     batch_size: int = 8,
     lr: float = 0.002,
@@ -139,6 +190,7 @@ def run_evolution(
     max_clicks: int = 20,
     iou_thresholds: list[float] = [0.85, 0.9],  # noqa: B006
     measure_pseudo_masks: bool = True,
+    fresh: bool = False,
     seed: int = 0,
     accelerator: str = "auto",
     wandb_project: str = "interactive-segmentation",
@@ -150,14 +202,23 @@ def run_evolution(
             (``make evolve-init``).
         stages: names in ``catalog``, in the order the model meets them.
         catalog: per dataset name, its ``train`` entry (the images users click on; masks never
-            trained on) and its ``test`` entry (benchmark); data-config entries as in ``data``.
+            trained on), its ``test`` entry (benchmark), and optionally ``clicks``: a file of real
+            clicks on the train objects (the annotation app's ``<out>.clicks.json``) to use
+            instead of simulated ones.
         source_replay: the initial dataset with masks, replayed in every stage.
         source_test: the initial dataset's benchmark entry.
-        out_dir: stage folders, results.json, table.csv, table.png, wandb.
+        out_dir: stage folders, results.json, table.csv, table.md, table.png, wandb.
+        supervision: ``clicks`` (the method) or ``ground_truth`` (the upper bound: the stage
+            trains on the true masks).
         ipt: refine the pseudo masks with the IPT module (else train on the coarse masks).
-        feature_alignment: feature-alignment and maximum-squares losses (else plain self-training).
-        ipt_options: overrides of ``modules.ipt.refine_pseudo_mask``'s parameters (m, n, ...).
-        known_threshold: the classifier's minimum probability for a known class.
+        ipt_options: overrides of ``modules.pseudo.PseudoLabelling`` (m, n, window, ...).
+        ipt_table: also measure the pseudo masks of every row of paper B's Table 3.
+        feature_alignment: feature-alignment and maximum-squares losses (else self-training).
+        alignment_features: ``deep`` (the backbone's, the paper) or ``decoder`` features.
+        alignment_weight: weight of Eq. 7/8.
+        max_squares_weight: weight of Eq. 9/10.
+        unknown_terms: Eq. 8's terms for unknown classes (Table 5): global, pixel.
+        corrective_clicks: train stages with corrective clicks after the three too.
         epochs: training epochs per stage over the new dataset's objects (checkpointed each).
         batch_size: pairs per step.
         lr: SGD learning rate of the stages.
@@ -169,6 +230,7 @@ def run_evolution(
         max_clicks: clicks per object in the benchmark (the three count).
         iou_thresholds: NoC targets.
         measure_pseudo_masks: report pseudo-mask mIoU against the ground truth (Table 3).
+        fresh: move aside stage folders made with other settings instead of stopping.
         seed: seed of IPT's point sampling and of training.
         accelerator: Lightning accelerator.
         wandb_project: wandb project (offline unless WANDB_MODE says otherwise).
@@ -182,6 +244,12 @@ def run_evolution(
         missing = {"train", "test"} - set(catalog[name])
         if missing:
             raise UserError(f"catalog.{name}: missing key(s) {sorted(missing)}")
+    if supervision not in ("clicks", "ground_truth"):
+        raise UserError(f"supervision='{supervision}': expected clicks or ground_truth")
+    try:
+        options = PseudoLabelling(ipt=ipt, **ipt_options)
+    except TypeError as e:
+        raise UserError(f"ipt_options: {e}") from e
     init = load_module(init_ckpt)
     h = init.hparams
     if h.num_classes < 1 or h.click_protocol != "three_click":
@@ -189,179 +257,112 @@ def run_evolution(
                         f"and num_classes >= 1; train one with `make evolve-init`)")
     known = h.num_classes
     out = Path(out_dir)
-    method = {"ipt": ipt, "feature_alignment": feature_alignment, "ipt_options": ipt_options, "epochs": epochs,
-              "lr": lr, "batch_size": batch_size, "replay_final_weight": replay_final_weight, "seed": seed}
+    method = {"supervision": supervision, "pseudo": options.__dict__, "feature_alignment": feature_alignment,
+              "alignment_features": alignment_features, "alignment_weight": alignment_weight,
+              "max_squares_weight": max_squares_weight, "unknown_terms": list(unknown_terms),
+              "corrective_clicks": corrective_clicks, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+              "replay_final_weight": replay_final_weight, "crop_size": crop_size, "seed": seed}
+    init_key = {"checkpoint": str(init_ckpt), "sha256_16": file_digest(init_ckpt), "source_replay": source_replay}
+    method, init_key = (json.loads(json.dumps(d, default=str)) for d in (method, init_key))  # as results.json holds them
     results = report.read_results(out) or {}
-    if results and (results.get("init_ckpt"), results.get("method")) != (str(init_ckpt), method):
-        raise UserError(f"{out / report.RESULTS} belongs to another initial model or method: use another --out_dir")
-    results.update({"init_ckpt": str(init_ckpt), "method": method, "stages": list(stages)})
-    results.setdefault("table", {})
-    results.setdefault("pseudo_masks", {})
-    results.setdefault("seconds", {})
+    if results and (results.get("init"), results.get("method")) != (init_key, method):
+        if not fresh:
+            raise UserError(f"{out / report.RESULTS} belongs to another initial model or method: use another --out_dir "
+                            "(or --fresh true)")
+        results = {}
+    results.update({"init": init_key, "method": method, "stages": list(stages),
+                    "protocol": {"max_clicks": max_clicks, "iou_thresholds": list(iou_thresholds), "initial_clicks": 3}})
+    for key in ("table", "objects", "pseudo_masks", "seconds"):
+        results.setdefault(key, {})
     group = out.resolve().name
     tests = {"source": source_test} | {name: catalog[name]["test"] for name in stages}
-    common = dict(num_workers=num_workers, min_area=min_area, max_clicks=max_clicks, iou_thresholds=iou_thresholds,
-                  accelerator=accelerator, wandb_project=wandb_project, group=group)
+    def evaluate(ckpt: str, names: list[str], folder: Path, label: str) -> None:
+        row, objects = _evaluate(ckpt, {k: tests[k] for k in names}, folder, num_workers, min_area, max_clicks,
+                                 iou_thresholds, accelerator, wandb_project, group)
+        results["table"][label], results["objects"][label] = row, objects
+        report.write_results(out, results)
 
-    results["table"]["init"] = _evaluate(init_ckpt, tests, out / "init", **common)  # baseline on every dataset
-    report.write_results(out, results)
-    previous, replay_sources = str(init_ckpt), [build_source(source_replay, "source_replay", min_area)]
-    source_classes: list[int] | None = None  # read once, when a stage first trains
+    evaluate(str(init_ckpt), list(tests), out / "init", "init")  # the baseline on every dataset
+    previous, key = str(init_ckpt), settings_key(init_key)
+    earlier: list[ObjectSource] = [build_source(source_replay, "source_replay", min_area)]
     for t, name in enumerate(stages, start=1):
-        stage_dir = out / f"stage{t}_{name}"
-        start, worked = time.perf_counter(), False
+        stage = Stage(out / f"stage{t}_{name}", name, {"previous": key, "data": catalog[name], "method": method,
+                                                        "min_area": min_area})
+        stage.claim(fresh)
+        key = stage.key
+        start, worked = time.perf_counter(), not stage.model_path.is_file()
         train_source = build_source(catalog[name]["train"], f"catalog.{name}.train", min_area)
-        images = MaskFree(train_source)
-        pseudo_path = stage_dir / "pseudo.npz"
-        if not pseudo_path.is_file():
-            interactions = record_interactions(train_source, stage_dir / "interactions.json")
-            coarse, refined, verdicts = pseudo_label(load_module(previous), images, interactions, known, known_threshold,
-                                                     dict(ipt_options), seed)  # both kept: Table 3 either way
-            save_pseudo_masks(pseudo_path, coarse, refined, verdicts)
-            worked = True
-        coarse, refined, verdicts = load_pseudo_masks(pseudo_path)
-        if measure_pseudo_masks and name not in results["pseudo_masks"]:
-            results["pseudo_masks"][name] = pseudo_mask_quality(train_source, coarse, refined)
-            report.write_results(out, results)
+        coarse, refined, verdicts = stage.masks(previous, train_source, known, options, supervision,
+                                                catalog[name].get("clicks"), seed)
         masks = refined if ipt else coarse
-        new = PseudoLabelled(images, masks)
-        model_path = stage_dir / "model.ckpt"
-        if not model_path.is_file():
-            pl.seed_everything(seed + t, workers=True)
-            module = EvolutionModule.from_previous(load_module(previous), known, feature_alignment=feature_alignment,
-                                                   lr=lr, replay_final_weight=replay_final_weight)
-            view = lambda s: TrainObjects(s, crop_size, max_positive=1, max_negative=0, click_capacity=3,  # noqa: E731
+        if measure_pseudo_masks and name not in results["pseudo_masks"]:
+            sets = {"coarse": coarse, "refined": refined}
+            if ipt_table and supervision == "clicks":
+                sets = _ipt_table(previous, train_source, stage, known, options, seed)
+            results["pseudo_masks"][name] = pseudo_mask_quality(train_source, sets)
+            report.write_results(out, results)
+        new = PseudoLabelled(MaskFree(train_source), masks, verdicts)
+        if not stage.model_path.is_file():
+            module = EvolutionModule.from_previous(
+                load_module(previous), known, feature_alignment=feature_alignment, alignment_features=alignment_features,
+                alignment_weight=alignment_weight, max_squares_weight=max_squares_weight,
+                unknown_terms=tuple(unknown_terms), corrective_clicks=corrective_clicks, lr=lr,
+                replay_final_weight=replay_final_weight)
+            view = lambda s: TrainObjects(s, crop_size, max_positive=1, max_negative=0, click_capacity=16,  # noqa: E731
                                           max_side=train_max_side)  # the three clicks are placed in the step
-            if source_classes is None:
-                source_classes = _classes(replay_sources[0])
-            earlier = Concat(replay_sources)  # earlier stages' objects have no class
-            pairs = PairedObjects(view(new), [int(verdicts[i]) for i in new.keep], view(earlier),
-                                  source_classes + [-1] * (len(earlier) - len(source_classes)))
-            _train_stage(module, pairs, stage_dir, epochs, batch_size, num_workers, accelerator, wandb_project, group, name)
-            module.export(model_path)
-            worked = True
+            pairs = PairedObjects(view(new), [new.class_of(i) for i in range(len(new))], view(Concat(earlier)))
+            stage.train(module, pairs, epochs, batch_size, num_workers, accelerator, wandb_project, group, seed + t)
         if worked:  # a rerun that finds the stage done adds nothing to its time
             results["seconds"][name] = results["seconds"].get(name, 0.0) + time.perf_counter() - start
-        seen = {k: v for k, v in tests.items() if k == "source" or k in stages[:t]}
-        results["table"][f"+{name}"] = _evaluate(str(model_path), seen, stage_dir, **common)
-        report.write_results(out, results)
-        previous = str(model_path)
-        replay_sources.append(PseudoLabelled(images, masks, name))
+        evaluate(str(stage.model_path), ["source"] + stages[:t], stage.folder, f"+{name}")
+        previous = str(stage.model_path)
+        earlier.append(PseudoLabelled(MaskFree(train_source), masks, verdicts, name))
 
-    write_table(out, results)
+    files = report.write_evolution(out, results)
     _log_table(results, wandb_project, group)
-    print_evolution(results)
+    report.print_evolution(results)
+    print(f"results: {out / report.RESULTS}  also: {', '.join(str(f) for f in files)}")
     return results
 
 
-def _train_stage(module: EvolutionModule, pairs: PairedObjects, stage_dir: Path, epochs: int, batch_size: int,
-                 num_workers: int, accelerator: str, wandb_project: str, group: str, name: str) -> None:
-    if len(pairs) < batch_size:
-        raise UserError(f"stage '{name}': {len(pairs)} objects with a pseudo mask, fewer than batch_size={batch_size}")
-    loader = DataLoader(pairs, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
-                        persistent_workers=num_workers > 0)
-    ckpt_dir = stage_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, max_epochs=epochs, default_root_dir=str(stage_dir),
-        logger=WandbLogger(project=wandb_project, name=f"evolve/{name}", group=group, save_dir=str(stage_dir),
-                           job_type="evolve"),
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_last=True, every_n_epochs=1,
-                                   enable_version_counter=False), RichProgressBar()],
-        plugins=[AtomicCheckpointIO()], log_every_n_steps=10, enable_model_summary=False,
-    )
-    if last.is_file():
-        print(f"stage '{name}': resuming from {last}")
-    trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
-    if trainer.logger is not None and hasattr(trainer.logger, "experiment"):
-        trainer.logger.experiment.finish()
+def _ipt_table(previous: str, source: ObjectSource, stage: Stage, known: int, options: PseudoLabelling,
+               seed: int) -> dict[str, list[np.ndarray]]:
+    """The pseudo masks of every row of Table 3, from the same clicks."""
+    interactions = record_interactions(source, stage.folder / "interactions.json")
+    model = load_module(previous)
+    sets = {}
+    for row, (components, vote) in IPT_TABLE.items():
+        row_options = PseudoLabelling(**(options.__dict__ | {"ipt": bool(components), "components": components, "vote": vote}))
+        _, refined, _ = pseudo_masks(model, MaskFree(source), interactions, known, row_options, seed)
+        sets[row] = refined
+    return sets
 
 
-def _evaluate(ckpt: str, tests: dict[str, Entry], stage_dir: Path, num_workers: int, min_area: int, max_clicks: int,
-              iou_thresholds: list[float], accelerator: str, wandb_project: str, group: str) -> dict:
-    """3-click mIoU and NoC of ``ckpt`` on each named test entry (resumable benchmark)."""
+def _evaluate(ckpt: str, tests: dict[str, Entry], folder: Path, num_workers: int, min_area: int | None, max_clicks: int,
+              iou_thresholds: list[float], accelerator: str, wandb_project: str, group: str) -> tuple[dict, dict]:
+    """Benchmark ``ckpt`` on each named test entry (resumable): the table's row and the
+    per-object 3-click IoUs."""
     entries = [dict(e) | {"name": n} for n, e in tests.items()]
     data = InteractiveDataModule(test=entries, num_workers=num_workers, min_area=min_area)
-    bench = run_benchmark(ckpt, data, out_dir=str(stage_dir / "eval"), variants=["fixed"], max_clicks=max_clicks,
+    bench = run_benchmark(ckpt, data, out_dir=str(folder / "eval"), variants=["fixed"], max_clicks=max_clicks,
                           iou_thresholds=iou_thresholds, accelerator=accelerator, wandb_project=wandb_project,
                           wandb_group=group)
-    row = {}
+    row, objects = {}, {}
     for name, variants in bench["results"].items():
         r = variants["fixed"]
-        row[name] = {"miou_3click": r["miou_at_click"][2], "noc": r["noc"], "n_objects": r["n_objects"]}
-    return row
-
-
-def _datasets(table: dict) -> list[str]:
-    """The evaluated datasets of a stage-by-dataset table, in first-seen order."""
-    return list(dict.fromkeys(d for row in table.values() for d in row))
-
-
-def write_table(out: Path, results: dict) -> None:
-    """``table.csv`` (one row per model and dataset) and ``table.png`` (3-click mIoU heat-map)."""
-    table = results["table"]
-    datasets = _datasets(table)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    thresholds = sorted({t for row in table.values() for cell in row.values() for t in cell["noc"]})
-    w.writerow(["model", "dataset", "miou_3click"] + [f"noc@{t}" for t in thresholds])
-    for model, row in table.items():
-        for d, cell in row.items():
-            w.writerow([model, d, f"{cell['miou_3click']:.4f}"] + [f"{cell['noc'][t]:.2f}" for t in thresholds])
-    atomic_write_text(out / "table.csv", buf.getvalue())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = np.full((len(table), len(datasets)), np.nan)
-    for r, row in enumerate(table.values()):
-        for c, d in enumerate(datasets):
-            if d in row:
-                grid[r, c] = row[d]["miou_3click"]
-    fig, ax = plt.subplots(figsize=(1.6 * len(datasets) + 2, 0.7 * len(table) + 1.5))
-    ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=1)
-    for r in range(grid.shape[0]):
-        for c in range(grid.shape[1]):
-            if np.isfinite(grid[r, c]):
-                ax.text(c, r, f"{100 * grid[r, c]:.1f}", ha="center", va="center", color="w" if grid[r, c] < 0.6 else "k")
-    ax.set_xticks(range(len(datasets)), datasets)
-    ax.set_yticks(range(len(table)), list(table))
-    ax.set_xlabel("evaluated on")
-    ax.set_ylabel("model after stage")
-    ax.set_title("3-click mIoU (%)")
-    fig.tight_layout()
-    atomic_write(out / "table.png", lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
-    plt.close(fig)
+        objects[name] = [ious[2] for ious in bench["objects"][name]["fixed"]["ious"]]
+        row[name] = {"miou_3click": float(np.mean(objects[name])), "noc": r["noc"], "noc_ci95": r["noc_ci95"],
+                     "n_objects": r["n_objects"]}
+    return row, objects
 
 
 def _log_table(results: dict, project: str, group: str) -> None:
     import wandb
 
-    run = wandb.init(project=project, name="evolve/table", group=group, job_type="evolve", reinit="finish_previous")
-    columns = ["model", "dataset", "miou_3click", "noc@85", "noc@90"]
-    rows = [[m, d, c["miou_3click"], c["noc"].get("85"), c["noc"].get("90")]
-            for m, row in results["table"].items() for d, c in row.items()]
+    run = wandb.init(project=project, name="evolve/table", group=group, job_type="evolve", reinit="finish_previous",
+                     settings=wandb.Settings(silent=True))
+    columns = ["model", "dataset", "miou_3click"] + [f"noc@{t}" for t in next(iter(next(iter(results["table"].values())).values()))["noc"]]
+    rows = [[m, d, c["miou_3click"], *c["noc"].values()] for m, row in results["table"].items() for d, c in row.items()]
     run.log({"evolution_table": wandb.Table(columns=columns, data=rows)})
     run.summary.update({f"{m}/{d}/miou_3click": c["miou_3click"] for m, row in results["table"].items() for d, c in row.items()})
-    run.summary.update({f"pseudo/{k}/{q}": v for k, p in results["pseudo_masks"].items() for q, v in p.items()})
     run.finish()
-
-
-def print_evolution(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = results["table"]
-    datasets = _datasets(table)
-    t = Table(title="3-click mIoU (NoC@85 / NoC@90) after each stage")
-    t.add_column("model")
-    for d in datasets:
-        t.add_column(d, justify="right")
-    for model, row in table.items():
-        t.add_row(model, *[f"{100 * row[d]['miou_3click']:.1f} ({row[d]['noc'].get('85', float('nan')):.2f} / "
-                           f"{row[d]['noc'].get('90', float('nan')):.2f})" if d in row else "" for d in datasets])
-    Console().print(t)
-    for name, q in results["pseudo_masks"].items():
-        print(f"pseudo masks {name}: mIoU {q['coarse_miou']:.4f} coarse -> {q['ipt_miou']:.4f} after IPT ({q['n_objects']} objects)")

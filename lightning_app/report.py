@@ -190,3 +190,124 @@ def write_reports(out_dir: Path, results: dict) -> list[Path]:
     click = min(4, results["protocol"]["max_clicks"])
     return [write_per_object(out_dir, results), plot_miou(out_dir, results), plot_sequence(out_dir, results, click),
             atomic_write_text(out_dir / MARKDOWN, markdown_table(results))]
+
+
+# -- life-long evolution (paper B) -------------------------------------------------------------
+def evolution_cells(results: dict) -> list[dict]:
+    """One entry per (model, dataset) of an evolution: 3-click mIoU with its bootstrap 95%
+    interval, and its change against the initial model on the same objects (paired bootstrap)."""
+    from modules.metrics import bootstrap_interval
+
+    objects = results.get("objects", {})
+    cells = []
+    for model, row in results["table"].items():
+        for ds, cell in row.items():
+            ious = np.asarray(objects.get(model, {}).get(ds, []), float)
+            base = np.asarray(objects.get("init", {}).get(ds, []), float)
+            entry = {"model": model, "dataset": ds, "miou_3click": cell["miou_3click"], "noc": cell["noc"]}
+            if len(ious):
+                entry["ci95"] = bootstrap_interval(ious)
+            if model != "init" and len(ious) and len(base) == len(ious):
+                entry["change"] = float((ious - base).mean())
+                entry["change_ci95"] = bootstrap_interval(ious - base)
+            cells.append(entry)
+    return cells
+
+
+def _datasets(table: dict) -> list[str]:
+    return list(dict.fromkeys(d for row in table.values() for d in row))
+
+
+def _cell_text(c: dict, markdown: bool = False) -> str:
+    text = f"{100 * c['miou_3click']:.1f}"
+    if "ci95" in c:
+        text += f" [{100 * c['ci95'][0]:.1f}, {100 * c['ci95'][1]:.1f}]"
+    if "change" in c:
+        text += f" ({100 * c['change']:+.1f} [{100 * c['change_ci95'][0]:+.1f}, {100 * c['change_ci95'][1]:+.1f}])"
+    return text
+
+
+def evolution_markdown(results: dict) -> str:
+    """The stage-by-dataset table (3-click mIoU %, 95% interval, change against the initial
+    model with its paired interval), NoC beneath, and the pseudo-mask table."""
+    table = results["table"]
+    datasets = _datasets(table)
+    cells = {(c["model"], c["dataset"]): c for c in evolution_cells(results)}
+    lines = ["| model after stage | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for model in table:
+        lines.append(f"| {model} | " + " | ".join(_cell_text(cells[(model, d)]) if (model, d) in cells else ""
+                                                for d in datasets) + " |")
+    thresholds = [threshold_key(t) for t in results.get("protocol", {}).get("iou_thresholds", [])]
+    if thresholds:
+        lines += ["", "| model after stage | " + " | ".join(f"{d} NoC@{'/'.join(thresholds)}" for d in datasets) + " |",
+                  "|---|" + "---|" * len(datasets)]
+        for model, row in table.items():
+            lines.append(f"| {model} | " + " | ".join(" / ".join(f"{row[d]['noc'][t]:.2f}" for t in thresholds)
+                                                    if d in row else "" for d in datasets) + " |")
+    for name, q in results.get("pseudo_masks", {}).items():
+        rows = [k for k in q if k != "n_objects"]
+        lines += ["", f"pseudo masks of {name} ({q['n_objects']} objects), mIoU % against the ground truth:", "",
+                  "| " + " | ".join(rows) + " |", "|" + "---|" * len(rows),
+                  "| " + " | ".join(f"{100 * q[r]['miou']:.1f} [{100 * q[r]['ci95'][0]:.1f}, {100 * q[r]['ci95'][1]:.1f}]"
+                                    for r in rows) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def write_evolution(out_dir: Path, results: dict) -> list[Path]:
+    """``table.csv`` (one row per model and dataset), ``table.md`` and ``table.png`` (heat-map)."""
+    out_dir = Path(out_dir)
+    table = results["table"]
+    datasets = _datasets(table)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    thresholds = sorted({t for row in table.values() for cell in row.values() for t in cell["noc"]})
+    w.writerow(["model", "dataset", "miou_3click", "ci95_low", "ci95_high", "change", "change_ci95_low",
+                "change_ci95_high"] + [f"noc@{t}" for t in thresholds])
+    for c in evolution_cells(results):
+        ci, ch = c.get("ci95", ["", ""]), c.get("change_ci95", ["", ""])
+        w.writerow([c["model"], c["dataset"], f"{c['miou_3click']:.4f}", *ci, c.get("change", ""), *ch]
+                   + [f"{c['noc'][t]:.2f}" for t in thresholds])
+    paths = [atomic_write_text(out_dir / "table.csv", buf.getvalue()),
+             atomic_write_text(out_dir / "table.md", evolution_markdown(results))]
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.full((len(table), len(datasets)), np.nan)
+    for r, row in enumerate(table.values()):
+        for c, d in enumerate(datasets):
+            if d in row:
+                grid[r, c] = row[d]["miou_3click"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(datasets) + 2, 0.7 * len(table) + 1.5))
+    ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=1)
+    for r in range(grid.shape[0]):
+        for c in range(grid.shape[1]):
+            if np.isfinite(grid[r, c]):
+                ax.text(c, r, f"{100 * grid[r, c]:.1f}", ha="center", va="center", color="w" if grid[r, c] < 0.6 else "k")
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_yticks(range(len(table)), list(table))
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("model after stage")
+    ax.set_title("3-click mIoU (%)")
+    fig.tight_layout()
+    paths.append(atomic_write(out_dir / "table.png", lambda f: fig.savefig(f, format="png", dpi=110), mode="wb"))
+    plt.close(fig)
+    return paths
+
+
+def print_evolution(results: dict) -> None:
+    table = results["table"]
+    datasets = _datasets(table)
+    cells = {(c["model"], c["dataset"]): c for c in evolution_cells(results)}
+    t = Table(title="3-click mIoU % [95% interval] (change against init [paired 95% interval])")
+    t.add_column("model")
+    for d in datasets:
+        t.add_column(d, justify="right")
+    for model in table:
+        t.add_row(model, *[_cell_text(cells[(model, d)]) if (model, d) in cells else "" for d in datasets])
+    console = Console() if Console().is_terminal else Console(width=200)
+    console.print(t)
+    for name, q in results.get("pseudo_masks", {}).items():
+        print(f"pseudo masks {name}: " + ", ".join(f"{k} {100 * v['miou']:.1f}" for k, v in q.items() if k != "n_objects"))

@@ -35,9 +35,14 @@ def clicks_to_tensor(clicks: Sequence[Click], capacity: int | None = None) -> to
     return out
 
 
-def tensor_to_clicks(t: torch.Tensor) -> list[Click]:
-    """Inverse of :func:`clicks_to_tensor` (padding rows dropped)."""
-    return [Click(int(y), int(x), lab > 0) for y, x, lab in t.tolist() if lab != 0]
+def clicks_to_rows(clicks: Sequence[Click]) -> list[list[int]]:
+    """Clicks as JSON rows ``[y, x, +1 | -1]`` (the files of interactions and annotations)."""
+    return [[int(c.y), int(c.x), 1 if c.positive else -1] for c in clicks]
+
+
+def rows_to_clicks(rows: Sequence[Sequence[float]]) -> list[Click]:
+    """Inverse of :func:`clicks_to_rows`; tensor rows with label 0 (padding) are dropped."""
+    return [Click(int(y), int(x), lab > 0) for y, x, lab in rows if lab != 0]
 
 
 def scale_clicks(clicks: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> torch.Tensor:

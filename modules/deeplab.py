@@ -53,8 +53,10 @@ class DeepLabV3Plus(nn.Module):
             binary pixel predictor (1x1 conv) and an object classifier (linear on the pooled
             feature) with this many outputs (``n`` known classes, ``n + 1`` once evolving).
         guide_channels: with ``> 0``, the last this many input channels (the click maps and
-            the previous mask) also enter the decoder directly, max-pooled to stride 4, so a
+            the previous mask) also enter the decoder directly, max-pooled to its stride, so a
             click reaches the prediction near it without crossing the whole encoder.
+        decoder_stride: 4 (DeepLabV3+) or 2: a refinement at stride 2 on the backbone's stride-2
+            feature, for boundaries a pixel or two sharper.
     """
 
     def __init__(
@@ -69,71 +71,94 @@ class DeepLabV3Plus(nn.Module):
         pretrained: bool = False,
         num_classes: int = 0,
         guide_channels: int = 0,
+        decoder_stride: int = 4,
     ):
         super().__init__()
         self.guide_channels = guide_channels
         if output_stride not in (8, 16):
             raise UserError(f"output_stride={output_stride}: expected 8 or 16")
+        if decoder_stride not in (2, 4):
+            raise UserError(f"decoder_stride={decoder_stride}: expected 2 or 4")
         if not timm.is_model(backbone):
             raise UserError(f"unknown backbone '{backbone}': not a timm model name (see timm.list_models())")
         probe = timm.create_model(backbone, features_only=True, pretrained=False)
         reductions = probe.feature_info.reduction()
         del probe
-        if 4 not in reductions:
-            raise UserError(f"backbone '{backbone}' has no stride-4 feature (strides {reductions})")
-        low_idx = reductions.index(4)
-        deep_idx = len(reductions) - 1
+        if 4 not in reductions or (decoder_stride == 2 and 2 not in reductions):
+            raise UserError(f"backbone '{backbone}' has no stride-{4 if 4 not in reductions else 2} feature "
+                            f"(strides {reductions})")
+        indices = ([reductions.index(2)] if decoder_stride == 2 else []) + [reductions.index(4), len(reductions) - 1]
         self.encoder = timm.create_model(
             backbone,
             features_only=True,
             in_chans=in_chans,
             output_stride=output_stride,
-            out_indices=(low_idx, deep_idx),
+            out_indices=tuple(indices),
             pretrained=pretrained,
         )
-        low_ch, deep_ch = self.encoder.feature_info.channels()
+        *fine_ch, low_ch, deep_ch = self.encoder.feature_info.channels()
         self.aspp = ASPP(deep_ch, aspp_channels, aspp_rates)
         self.low_proj = _conv_bn_relu(low_ch, low_level_channels, 1)
         self.decoder = nn.Sequential(
             _conv_bn_relu(aspp_channels + low_level_channels + guide_channels, decoder_channels),
             _conv_bn_relu(decoder_channels, decoder_channels),
         )
-        self.head = nn.Conv2d(decoder_channels, 1, 1)
+        head_channels = decoder_channels
+        if decoder_stride == 2:
+            self.coarse_proj = _conv_bn_relu(decoder_channels, 32, 1)
+            self.fine_proj = _conv_bn_relu(fine_ch[0], 16, 1)
+            self.refine = _conv_bn_relu(32 + 16 + guide_channels, 32)
+            head_channels = 32
+        self.head = nn.Conv2d(head_channels, 1, 1)
         if num_classes > 0:
             self.binary = nn.Conv2d(deep_ch, 1, 1)
             self.classifier = nn.Linear(deep_ch, num_classes)
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The stride-4 and the deepest features, and with ``guide_channels`` the guide maps
-        (the input's last channels) at stride 4."""
-        feats = self.encoder(x)
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The backbone's features the decoder reads: ``low`` (stride 4), ``deep`` (the
+        deepest), with ``decoder_stride`` 2 ``fine`` (stride 2), and with ``guide_channels`` the
+        guide maps (the input's last channels) at those strides (``guide4``, ``guide2``)."""
+        *fine, low, deep = self.encoder(x)
+        feats = {"low": low, "deep": deep}
+        if fine:
+            feats["fine"] = fine[0]
         if self.guide_channels:
-            feats = [*feats, F.adaptive_max_pool2d(x[:, -self.guide_channels:], feats[0].shape[-2:])]
+            guide = x[:, -self.guide_channels:]
+            feats["guide4"] = F.adaptive_max_pool2d(guide, low.shape[-2:])
+            if fine:
+                feats["guide2"] = F.adaptive_max_pool2d(guide, fine[0].shape[-2:])
         return feats
 
-    def decode_features(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Decoder features at stride 4 (the pixel embedding used by prototype methods)."""
-        low, deep = feats[0], feats[1]
+    def decode_features(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decoder features at the decoder's stride (the pixel embedding prototype methods use)."""
+        low, deep = feats["low"], feats["deep"]
         context = F.interpolate(self.aspp(deep), size=low.shape[-2:], mode="bilinear", align_corners=False)
-        return self.decoder(torch.cat([context, self.low_proj(low), *feats[2:]], dim=1))
+        out = self.decoder(torch.cat([context, self.low_proj(low), *([feats["guide4"]] if "guide4" in feats else [])], dim=1))
+        if "fine" not in feats:
+            return out
+        fine = feats["fine"]
+        up = F.interpolate(self.coarse_proj(out), size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        return self.refine(torch.cat([up, self.fine_proj(fine), *([feats["guide2"]] if "guide2" in feats else [])], dim=1))
 
-    def decode(self, feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    def decode(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         return self.predict_head(self.decode_features(feats), size)
 
     def predict_head(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The 1x1 classifier on decoder features, upsampled to ``size``."""
         return F.interpolate(self.head(features), size=size, mode="bilinear", align_corners=False)
 
-    def aux_heads(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def aux_heads(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Paper B's heads: binary-predictor logits ``(B, 1, h, w)`` at the deepest stride and
         class logits ``(B, num_classes)``."""
-        deep = feats[1]
+        deep = feats["deep"]
         return self.binary(deep), self.classifier(deep.mean(dim=(2, 3)))
 
     def cached_modules(self, cache: str) -> list[nn.Module]:
         """The modules whose output a cached test-time adaptation computes once per click:
         ``encoder`` (``encode``'s features) or ``decoder`` (``decode_features``' output)."""
-        return {"none": [], "encoder": [self.encoder], "decoder": [self.encoder, self.aspp, self.low_proj, self.decoder]}[cache]
+        decoder = [self.aspp, self.low_proj, self.decoder] + [getattr(self, n) for n in ("coarse_proj", "fine_proj", "refine")
+                                                              if hasattr(self, n)]
+        return {"none": [], "encoder": [self.encoder], "decoder": [self.encoder, *decoder]}[cache]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Foreground logits ``(B, 1, H, W)`` at the input resolution."""

@@ -6,6 +6,8 @@ earlier data ``A`` (ground truth, or an earlier stage's pseudo mask). The
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,41 +15,62 @@ from torch import nn
 from modules.ipt import prototype
 
 
-def feature_alignment_loss(
+def feature_alignment_terms(
     features_a: torch.Tensor,
     mask_a: torch.Tensor,
     features_b: torch.Tensor,
     mask_b: torch.Tensor,
     binary_b: torch.Tensor,
-    known: torch.Tensor,
     min_probability: float = 0.05,
-) -> torch.Tensor:
-    """Eq. 7 for pairs of a known class, Eq. 8 for the others, averaged over the batch.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two terms of Eq. 7 per pair: ``A = ||c_a - c_b||^2`` (global prototypes, Eq. 1 over
+    each object's mask) and ``B = sum_i 1 / M'_b,i ||F_b,i - c_a||^2`` over the pseudo mask's
+    pixels, with squared Euclidean distances (Eq. 2). ``M'_b`` (the binary predictor's
+    probabilities) weighs the pixels and is not trained by this loss (detached; floored at
+    ``min_probability``); ``B`` is averaged over the mask's pixels so that it does not grow with
+    object size. Also returns which pairs have both masks non-empty at this resolution.
 
-    ``features_*`` ``(B, C, h, w)``; ``mask_*`` ``(B, h, w)`` object weights at that resolution
-    (``A``: ground truth, ``B``: pseudo mask); ``binary_b`` ``(B, h, w)`` the binary predictor's
-    probabilities ``M'_b`` on ``B``; ``known`` ``(B,)`` bool. The prototypes are Eq. 1 over the
-    masks. Squared distances are means over channels, and the pixel term of Eq. 7 (weights
-    ``1 / M'_b``, floored at ``min_probability``) is a mean over the pseudo mask's pixels, so the
-    loss does not grow with feature width or object size. Pairs whose masks are empty at this
-    resolution are left out.
+    ``features_*`` ``(N, C, h, w)``; ``mask_*`` ``(N, h, w)`` object weights; ``binary_b``
+    ``(N, h, w)``.
     """
     c_a, c_b = prototype(features_a, mask_a), prototype(features_b, mask_b)
-    global_term = ((c_a - c_b) ** 2).mean(dim=1)
-    pixel = ((features_b - c_a[:, :, None, None]) ** 2).mean(dim=1)
-    weights = mask_b / binary_b.clamp_min(min_probability)
+    global_term = ((c_a - c_b) ** 2).sum(dim=1)
+    pixel = ((features_b - c_a[:, :, None, None]) ** 2).sum(dim=1)
+    weights = mask_b / binary_b.detach().clamp_min(min_probability)
     pixel_term = (pixel * weights).sum(dim=(1, 2)) / mask_b.sum(dim=(1, 2)).clamp_min(1e-6)
-    per_pair = global_term + known.to(pixel_term.dtype) * pixel_term
     present = (mask_a.sum(dim=(1, 2)) > 0) & (mask_b.sum(dim=(1, 2)) > 0)
+    return global_term, pixel_term, present
+
+
+def feature_alignment_loss(global_term: torch.Tensor, pixel_term: torch.Tensor, present: torch.Tensor, known: torch.Tensor,
+                           unknown_terms: Sequence[str] = ("global",)) -> torch.Tensor:
+    """Eq. 7 (``A + B``) for pairs of a known class, Eq. 8 for the others: the paper's ``A``
+    alone by default; Table 5 compares ``("global", "pixel")`` and ``("pixel",)``. Mean over the
+    pairs whose masks are present."""
+    unknown = sum(t for name, t in (("global", global_term), ("pixel", pixel_term)) if name in unknown_terms)
+    per_pair = torch.where(known, global_term + pixel_term, unknown if torch.is_tensor(unknown) else global_term * 0)
     return per_pair[present].mean() if present.any() else per_pair.sum() * 0
 
 
-def max_squares_loss(probability: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """Maximum-squares loss on the binary predictor's probabilities ``(B, ...)``: Eq. 10,
-    ``-(p^2 + (1 - p)^2)``, for unknown classes; Eq. 9 for known ones, which over the two classes
-    (object, background) is half of that. Means over pixels, then over the batch."""
-    squares = -(probability**2 + (1 - probability) ** 2).flatten(1).mean(dim=1)
-    return torch.where(known, 0.5 * squares, squares).mean()
+def max_squares_known(binary: torch.Tensor, class_probabilities: torch.Tensor) -> torch.Tensor:
+    """Eq. 9, ``-1/2 sum_i sum_c (p^{i,c})^2``, per object (mean over pixels): the pixel-level
+    class distribution is the background ``1 - M'_b,i`` and, for each class ``c`` of the
+    classifier, ``M'_b,i q_c`` (``binary``: ``(N, h, w)`` foreground probabilities; the
+    classifier's softmax ``q``: ``(N, n + 1)``). It pushes pixels to one side and the object to
+    one class."""
+    squares = binary**2 * (class_probabilities**2).sum(dim=1)[:, None, None] + (1 - binary) ** 2
+    return -0.5 * squares.flatten(1).mean(dim=1)
+
+
+def max_squares_unknown(binary: torch.Tensor) -> torch.Tensor:
+    """Eq. 10, ``sum_i -p_i^2 - (1 - p_i)^2``, per object (mean over pixels) on the binary
+    predictor's foreground probabilities ``(N, h, w)``."""
+    return -(binary**2 + (1 - binary) ** 2).flatten(1).mean(dim=1)
+
+
+def max_squares_loss(binary: torch.Tensor, class_probabilities: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Eq. 9 for objects judged a known class, Eq. 10 for the others, averaged over the batch."""
+    return torch.where(known, max_squares_known(binary, class_probabilities), max_squares_unknown(binary)).mean()
 
 
 def replay_weight(progress: float, final: float = 0.1) -> float:

@@ -2,7 +2,9 @@
 
 It trains an :class:`InteractiveSegmentationModule` (the ``model``, from the previous stage's
 weights) on pairs: an object of the new dataset with its pseudo mask (``b``) and an object of
-the earlier data (``a``). The losses are ``modules.evolution``'s; this class only wires them.
+the earlier data (``a``). Both go through the network in one batch, so that normalisation sees
+both domains together as at test time. The losses are ``modules.evolution``'s; this class only
+wires them, and logs every term's magnitude at every step.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from modules.evolution import expand_classifier, feature_alignment_loss, max_squares_loss, replay_weight
+from modules.evolution import (expand_classifier, feature_alignment_loss, feature_alignment_terms, max_squares_loss,
+                               replay_weight)
 from modules.interactive import InteractiveSegmentationModule, aux_losses, poly_lr_factor
 from modules.io import atomic_write
 from modules.losses import masked_bce
@@ -29,6 +32,14 @@ class EvolutionModule(pl.LightningModule):
         known_classes: ``n``, the classes of the initial dataset; output ``n`` is "unknown".
         feature_alignment: add Eq. 7/8 and the maximum-squares loss (the FA module); without
             it the stage is plain self-training on the pseudo masks.
+        alignment_features: the features Eq. 7/8 align: the backbone's ``deep``est (the paper)
+            or the ``decoder``'s (stride 4).
+        alignment_weight: weight of Eq. 7/8 in Eq. 11 (paper: 1).
+        max_squares_weight: weight of Eq. 9/10 in Eq. 11 (paper: 1).
+        unknown_terms: Eq. 8's terms for pairs of an unknown class (Table 5): ``global`` (the
+            paper's), ``pixel``, or both.
+        corrective_clicks: also train with 0..``max_iterative_clicks`` simulated corrective clicks
+            after the three (the model is benchmarked with them too).
         lr: SGD learning rate (polynomial decay over the stage).
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
@@ -36,11 +47,15 @@ class EvolutionModule(pl.LightningModule):
         replay_final_weight: the earlier data's loss weight decays linearly to this.
     """
 
-    def __init__(self, model: dict, known_classes: int, feature_alignment: bool = True, lr: float = 0.002,
+    def __init__(self, model: dict, known_classes: int, feature_alignment: bool = True,
+                 alignment_features: str = "deep", alignment_weight: float = 1.0, max_squares_weight: float = 1.0,
+                 unknown_terms: tuple[str, ...] = ("global",), corrective_clicks: bool = True, lr: float = 0.002,
                  momentum: float = 0.9, weight_decay: float = 5e-4, poly_power: float = 0.9,
                  replay_final_weight: float = 0.1):
         super().__init__()
         self.save_hyperparameters()
+        if alignment_features not in ("deep", "decoder"):
+            raise ValueError(f"alignment_features='{alignment_features}': expected deep or decoder")
         self.model = InteractiveSegmentationModule(**model)
 
     @classmethod
@@ -64,29 +79,38 @@ class EvolutionModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         a, b = batch["a"], batch["b"]
-        model = self.model
-        rng = np.random.default_rng([torch.initial_seed(), self.global_step])  # the step's click jitter
-        out_a = model.outputs(a["image"], model.initial_clicks(a, rng))
-        out_b = model.outputs(b["image"], model.initial_clicks(b, rng))
-        valid_a = ~a["ignore"]
-        loss_a = masked_bce(out_a["logits"], a["mask"], valid_a) + sum(aux_losses(out_a, a["mask"], valid_a, a["class_id"]).values())
-        loss_b = masked_bce(out_b["logits"], b["mask"]) + aux_losses(out_b, b["mask"], ~b["ignore"], b["class_id"])["binary_bce"]
-        weight = replay_weight(self._progress(), self.hparams.replay_final_weight)
+        model, h = self.model, self.hparams
+        n = len(a["image"])
+        rng = np.random.default_rng([torch.initial_seed(), self.global_step])  # the step's jitter and clicks
+        both = {k: torch.cat([a[k], b[k]]) for k in ("image", "mask", "ignore", "clicks")}
+        clicks, prev = model.iterative_clicks(both, model.initial_clicks(both, rng), rng, late=h.corrective_clicks)
+        out = model.outputs(both["image"], clicks, prev)  # one batch: normalisation sees both domains
+        split = lambda t: (t[:n], t[n:])  # noqa: E731
+        (logits_a, logits_b), (valid_a, valid_b) = split(out["logits"]), split(~both["ignore"])
+        heads_a = {"binary": out["binary"][:n], "classes": out["classes"][:n]}
+        heads_b = {"binary": out["binary"][n:], "classes": out["classes"][n:]}
+        loss_a = masked_bce(logits_a, a["mask"], valid_a) + sum(aux_losses(heads_a, a["mask"], valid_a, a["class_id"]).values())
+        loss_b = masked_bce(logits_b, b["mask"], valid_b) + aux_losses(heads_b, b["mask"], valid_b, b["class_id"])["binary_bce"]
+        weight = replay_weight(self._progress(), h.replay_final_weight)
         loss = weight * loss_a + loss_b
         logs = {"loss_a": loss_a, "loss_b": loss_b, "replay_weight": weight}
-        if self.hparams.feature_alignment:
+        if h.feature_alignment:
             known = b["pair_class"] >= 0
-            feats_a = F.normalize(out_a["features"], dim=1)
-            feats_b = F.normalize(out_b["features"], dim=1)
+            feats = out["deep"] if h.alignment_features == "deep" else out["features"]
+            feats_a, feats_b = split(feats)
             hw = feats_b.shape[-2:]
             down = lambda m: F.adaptive_avg_pool2d(m.float(), hw)[:, 0]  # noqa: E731 (area-weighted object mask)
-            binary_b = torch.sigmoid(F.interpolate(out_b["binary"], size=hw, mode="bilinear", align_corners=False))[:, 0]
-            logs["feature_alignment"] = feature_alignment_loss(feats_a, down(a["mask"] * valid_a), feats_b, down(b["mask"]),
-                                                               binary_b, known)
-            logs["max_squares"] = max_squares_loss(torch.sigmoid(out_b["binary"]), known)
-            loss = loss + logs["feature_alignment"] + logs["max_squares"]
-        self.log_dict({f"evolve/{k}": v for k, v in logs.items()}, batch_size=len(b["image"]))
-        self.log("evolve/loss", loss, prog_bar=True, batch_size=len(b["image"]))
+            binary_b = torch.sigmoid(F.interpolate(heads_b["binary"], size=hw, mode="bilinear", align_corners=False))[:, 0]
+            global_term, pixel_term, present = feature_alignment_terms(feats_a, down(a["mask"] * valid_a), feats_b,
+                                                                       down(b["mask"]), binary_b)
+            alignment = feature_alignment_loss(global_term, pixel_term, present, known, h.unknown_terms)
+            squares = max_squares_loss(torch.sigmoid(heads_b["binary"])[:, 0], F.softmax(heads_b["classes"], dim=1), known)
+            loss = loss + h.alignment_weight * alignment + h.max_squares_weight * squares
+            logs.update({"alignment": alignment, "alignment_global": global_term[present].mean() if present.any() else 0.0,
+                         "alignment_pixel": pixel_term[present & known].mean() if (present & known).any() else 0.0,
+                         "max_squares": squares, "known_pairs": known.float().mean()})
+        self.log_dict({f"evolve/{k}": v for k, v in logs.items()}, batch_size=n)
+        self.log("evolve/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
     def configure_optimizers(self):

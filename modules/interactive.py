@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torchmetrics.classification import BinaryJaccardIndex
 
 from modules.adaptation import Adapter
+from modules.classical import ClassicalSession
 from modules.clicks import clicks_to_tensor, encode_clicks
 from modules.deeplab import DeepLabV3Plus
 from modules.evaluation import ObjectResult, evaluate_object
 from modules.losses import masked_bce, near_click_weights
 from modules.session import InteractiveSession
-from modules.simulate import next_click, three_click_protocol
+from modules.simulate import corrective_clicks, next_click, perturb_mask, three_click_protocol
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,11 +73,16 @@ class InteractiveSegmentationModule(pl.LightningModule):
         poly_power: power of the polynomial learning-rate decay over ``max_steps``.
         prev_mask: give the network the previous prediction as a sixth input channel (RITM);
             ``False`` is the paper's five-channel input.
-        click_skip: the click maps (and previous mask) enter the decoder too, at stride 4.
+        click_skip: the click maps (and previous mask) enter the decoder too, at its strides.
+        decoder_stride: 4 (DeepLabV3+) or 2 (a refinement on the stride-2 feature).
         max_iterative_clicks: stage (b) adds 0..this many simulated corrective clicks per batch,
             each predicted by the current model from the clicks before it (and, with
             ``prev_mask``, from its previous prediction).
         iterative_start: fraction of training after which stage (b) begins.
+        synthetic_corrections: share of training samples (with ``prev_mask``) that instead start
+            from a synthetic previous mask (the ground truth perturbed) with 1..``max_iterative_clicks``
+            corrective clicks against it: every such sample teaches a correction, without a
+            forward pass to find it.
         click_loss_weight: pixels within ``click_loss_radius`` px of a click weigh ``1 + this``
             in the training loss (0: the paper's plain BCE).
         click_loss_radius: see ``click_loss_weight``.
@@ -99,21 +105,23 @@ class InteractiveSegmentationModule(pl.LightningModule):
         backbone: str = "resnet10t",
         output_stride: int = 16,
         aspp_rates: list[int] = [6, 12, 18],  # noqa: B006
-        aspp_channels: int = 128,
-        decoder_channels: int = 128,
+        aspp_channels: int = 64,
+        decoder_channels: int = 64,
         pretrained: bool = False,
         click_radius: float = 3.0,
         click_encoding: Literal["disk", "gaussian"] = "disk",
-        optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 0.01,
+        optimizer: Literal["sgd", "adamw"] = "adamw",
+        lr: float = 1e-3,
         momentum: float = 0.9,
-        weight_decay: float = 5e-4,
+        weight_decay: float = 1e-4,
         poly_power: float = 0.9,
-        prev_mask: bool = False,
-        click_skip: bool = False,
-        max_iterative_clicks: int = 3,
-        iterative_start: float = 0.3,
-        click_loss_weight: float = 0.0,
+        prev_mask: bool = True,
+        click_skip: bool = True,
+        decoder_stride: int = 4,
+        max_iterative_clicks: int = 4,
+        iterative_start: float = 0.2,
+        synthetic_corrections: float = 0.5,
+        click_loss_weight: float = 5.0,
         click_loss_radius: float = 5.0,
         eval_max_side: int = 512,
         eval_max_clicks: int = 20,
@@ -125,11 +133,13 @@ class InteractiveSegmentationModule(pl.LightningModule):
         self.save_hyperparameters()
         self.net = DeepLabV3Plus(backbone, 6 if prev_mask else 5, output_stride, aspp_rates, aspp_channels, decoder_channels=decoder_channels,
                                  pretrained=pretrained, num_classes=num_classes,
-                                 guide_channels=(3 if prev_mask else 2) if click_skip else 0)
+                                 guide_channels=(3 if prev_mask else 2) if click_skip else 0,
+                                 decoder_stride=decoder_stride)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.mas_importance: dict[str, torch.Tensor] | None = None  # <ckpt>.mas.pt, read by test-time adaptation
         self.adapter: Adapter | None = None  # test-time adaptation of the benchmark (callbacks.adaptation)
+        self.classical = None  # a classical method benchmarked in place of the network (modules.classical)
         self.protocol = EvaluationProtocol(max_clicks=eval_max_clicks)  # the benchmark's, set by the benchmark
         self.train_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
         self.val_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
@@ -151,11 +161,11 @@ class InteractiveSegmentationModule(pl.LightningModule):
 
     def outputs(self, image: torch.Tensor, clicks: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Everything paper B reads off the network: ``logits`` ``(B, 1, H, W)``, decoder
-        ``features`` (stride 4), and with ``num_classes`` the ``binary`` predictor's logits
-        (deepest stride) and the ``classes`` logits."""
+        ``features`` (stride 4), the backbone's ``deep``est features, and with ``num_classes``
+        the ``binary`` predictor's logits (deepest stride) and the ``classes`` logits."""
         feats = self.net.encode(self.network_input(image, clicks, prev))
         features = self.net.decode_features(feats)
-        out = {"logits": self.net.predict_head(features, image.shape[-2:]), "features": features}
+        out = {"logits": self.net.predict_head(features, image.shape[-2:]), "features": features, "deep": feats["deep"]}
         if self.hparams.num_classes > 0:
             out["binary"], out["classes"] = self.net.aux_heads(feats)
         return out
@@ -184,14 +194,17 @@ class InteractiveSegmentationModule(pl.LightningModule):
             clicks[b, :3] = clicks_to_tensor(three).to(clicks)
         return clicks
 
-    def iterative_clicks(self, batch: dict, clicks: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def iterative_clicks(self, batch: dict, clicks: torch.Tensor, rng: np.random.Generator,
+                         late: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stage (b) (sec. 3.3, ITIS/RITM): from the initial clicks, 0..``max_iterative_clicks``
-        rounds of predicting and adding the simulated user's next corrective click. Returns the
-        clicks and the prediction before the last of them (the ``prev_mask`` input; zeros when
-        no round ran, ``None`` without ``prev_mask``)."""
+        rounds of predicting and adding the simulated user's next corrective click (from
+        ``iterative_start`` of training on, or when ``late``). Returns the clicks and the
+        prediction before the last of them (the ``prev_mask`` input; zeros when no round ran,
+        ``None`` without ``prev_mask``)."""
         clicks = clicks.clone()
         prev = torch.zeros_like(batch["mask"]) if self.hparams.prev_mask else None
-        late = self.global_step >= self.hparams.iterative_start * self._total_steps()
+        if late is None:
+            late = self.global_step >= self.hparams.iterative_start * self._total_steps()
         rounds = int(rng.integers(0, self.hparams.max_iterative_clicks + 1)) if late else 0
         if rounds == 0:
             return clicks, prev
@@ -233,9 +246,33 @@ class InteractiveSegmentationModule(pl.LightningModule):
         self.log(f"{stage}/iou", metric, prog_bar=True, batch_size=len(logits), on_step=stage == "train", on_epoch=True)
         return loss
 
+    def synthetic_corrections(self, batch: dict, clicks: torch.Tensor, prev: torch.Tensor, rng: np.random.Generator
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace a ``synthetic_corrections`` share of the samples by a perturbed ground truth as
+        the previous mask, the sample's first positive click and corrective clicks against it."""
+        share = self.hparams.synthetic_corrections
+        if share <= 0 or prev is None:
+            return clicks, prev
+        clicks, prev = clicks.clone(), prev.clone()
+        gts = batch["mask"][:, 0].bool().cpu().numpy()
+        ignores = batch["ignore"][:, 0].cpu().numpy()
+        for b in np.flatnonzero(rng.random(len(gts)) < share):
+            fake = perturb_mask(gts[b], rng)
+            extra, before = corrective_clicks(fake, gts[b], int(rng.integers(1, self.hparams.max_iterative_clicks + 1)),
+                                              ignores[b])
+            if not extra:
+                continue
+            first = clicks[b, :1].clone()
+            clicks[b] = 0
+            clicks[b, :1] = first
+            clicks[b, 1:1 + len(extra)] = clicks_to_tensor(extra).to(clicks)
+            prev[b, 0] = torch.from_numpy(before).to(prev)
+        return clicks, prev
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         rng = self.step_rng()
         clicks, prev = self.iterative_clicks(batch, self.initial_clicks(batch, rng), rng)
+        clicks, prev = self.synthetic_corrections(batch, clicks, prev, rng)
         return self._step(batch, clicks, prev, self.train_iou, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -261,7 +298,10 @@ class InteractiveSegmentationModule(pl.LightningModule):
     # -- evaluation at original resolution ---------------------------------------------------
     def session(self, image: torch.Tensor, defer: bool = False) -> InteractiveSession:
         """An interactive session on one image ``(1, 3, H, W)`` in [0, 1], adapting with
-        ``adapter`` when one is set (see :class:`~modules.session.InteractiveSession`)."""
+        ``adapter`` when one is set (see :class:`~modules.session.InteractiveSession`); with
+        ``classical`` set, that method's session instead."""
+        if self.classical is not None:
+            return ClassicalSession(self.classical, (image[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
         return InteractiveSession(self, image, self.adapter, defer)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> ObjectResult:

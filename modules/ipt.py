@@ -8,6 +8,8 @@ Nothing here updates a model. Features are ``(C, H, W)`` tensors, masks ``(H, W)
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import cv2
 import numpy as np
 import torch
@@ -69,6 +71,9 @@ def vote(*label_maps: np.ndarray) -> np.ndarray:
     return np.sum([m.astype(np.int32) for m in label_maps], axis=0) >= 2
 
 
+IPT_COMPONENTS = ("global", "centre", "edge")
+
+
 def refine_pseudo_mask(
     features: torch.Tensor,
     coarse: np.ndarray,
@@ -83,30 +88,64 @@ def refine_pseudo_mask(
     kernel: int = 5,
     iterations: int = 3,
     radius: float = 10.0,
+    components: Sequence[str] = IPT_COMPONENTS,
+    vote_maps: bool = True,
+    coarse_probability: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The IPT module on one object: ``features`` ``(C, H, W)``, the ``coarse`` pseudo mask
-    ``M_p``, the ``binary`` predictor's probabilities ``M_b`` and the user's positive ``click``,
-    all at one resolution.
+    ``M_p``, the binary predictor's probabilities ``binary`` (binarised at 0.5: ``M_b``) and the
+    user's positive ``click``, all at one resolution.
 
     - global prototype, ``Q = M_p * M_b``; label map ``M_c = P_g > m * k_g``;
     - centre-point (``points`` + the click) and edge (:func:`edge_mask`) prototypes, merged
       ``P_m = centre_weight * P_c + edge_weight * P_e``; label map ``M_m = P_m > n * k_m``;
-    - the refined mask is the vote of ``M_p``, ``M_c`` and ``M_m``.
+    - the refined mask is the vote of ``M_p``, ``M_c`` and ``M_m`` (Eq. 5-6).
 
+    ``components`` and ``vote_maps`` give the rows of paper B's Table 3: without voting, the
+    final mask is ``0.8 * coarse + 0.2 * mean(confidences of the components) > 0.5`` (the paper's
+    weighted sum; ``coarse_probability`` is the coarse prediction before thresholding).
     Returns ``mask`` (refined), ``global`` (``M_c``) and ``merged`` (``M_m``). An empty coarse
     mask has nothing to refine and comes back empty.
     """
     coarse = coarse.astype(bool)
     points, kernel, iterations = int(points), int(kernel), int(iterations)  # configs may give floats
+    unknown = set(components) - set(IPT_COMPONENTS)
+    if unknown:
+        raise ValueError(f"IPT components {sorted(unknown)} unknown: expected some of {IPT_COMPONENTS}")
     if not coarse.any():
         empty = np.zeros_like(coarse)
         return {"mask": empty, "global": empty, "merged": empty}
     f = features.float()
     mp = torch.as_tensor(coarse, dtype=f.dtype)
-    p_global = prototype_confidence(f, mp * torch.as_tensor(binary, dtype=f.dtype))
-    p_centre = prototype_confidence(f, torch.as_tensor(centre_points(coarse, click, rng, points, radius)))
-    p_edge = prototype_confidence(f, torch.as_tensor(edge_mask(coarse, kernel, iterations), dtype=f.dtype))
-    p_merged = centre_weight * p_centre + edge_weight * p_edge
-    label_global = (p_global > m * mean_confidence(p_global, coarse)).numpy()
-    label_merged = (p_merged > n * mean_confidence(p_merged, coarse)).numpy()
+    maps = {}
+    if "global" in components:
+        maps["global"] = prototype_confidence(f, mp * torch.as_tensor(np.asarray(binary) > 0.5, dtype=f.dtype))
+    if "centre" in components:
+        maps["centre"] = prototype_confidence(f, torch.as_tensor(centre_points(coarse, click, rng, points, radius)))
+    if "edge" in components:
+        maps["edge"] = prototype_confidence(f, torch.as_tensor(edge_mask(coarse, kernel, iterations), dtype=f.dtype))
+    if not vote_maps:
+        prob = coarse.astype(np.float32) if coarse_probability is None else np.asarray(coarse_probability, np.float32)
+        others = np.mean([p.numpy() for p in maps.values()], axis=0) if maps else prob
+        mask = 0.8 * prob + 0.2 * others > 0.5
+        return {"mask": mask, "global": mask, "merged": mask}
+    label_global = (maps["global"] > m * mean_confidence(maps["global"], coarse)).numpy() if "global" in maps else coarse
+    if "centre" in maps or "edge" in maps:
+        merged = sum(w * maps[k] for k, w in (("centre", centre_weight), ("edge", edge_weight)) if k in maps)
+        label_merged = (merged > n * mean_confidence(merged, coarse)).numpy()
+    else:
+        label_merged = coarse
     return {"mask": vote(coarse, label_global, label_merged), "global": label_global, "merged": label_merged}
+
+
+def click_window(clicks: Sequence[tuple[int, int]], hw: tuple[int, int], context: float = 0.25) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the box spanned by the clicks (paper B's two corner clicks bound the
+    object), grown by ``context`` of its size on every side, inside the image: the region IPT
+    works on, zoomed to the network's resolution, so that its 5x5 erosion is a thin band of the
+    object as at the paper's 512 px crops (sec. 4.1.3)."""
+    ys, xs = [c[0] for c in clicks], [c[1] for c in clicks]
+    h, w = hw
+    dy, dx = (max(ys) - min(ys) + 1) * context, (max(xs) - min(xs) + 1) * context
+    y0, y1 = max(0, int(min(ys) - dy)), min(h, int(np.ceil(max(ys) + dy)) + 1)
+    x0, x1 = max(0, int(min(xs) - dx)), min(w, int(np.ceil(max(xs) + dx)) + 1)
+    return y0, y1, x0, x1

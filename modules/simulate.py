@@ -120,3 +120,44 @@ def three_click_protocol(
         fy, fx = _pick(rng, near, 1)[0]
     clip = lambda v, n: int(min(max(v, 0), n - 1))  # noqa: E731
     return [Click(int(fy), int(fx), True), Click(clip(y0, h), clip(x0, w), False), Click(clip(y1, h), clip(x1, w), False)]
+
+
+def perturb_mask(mask: np.ndarray, rng: np.random.Generator, max_blobs: int = 3) -> np.ndarray:
+    """A plausible imperfect prediction of ``mask``: its boundary moved in or out by a few
+    pixels, parts cut away, and blobs added around it (a previous mask to be corrected, made
+    without running a model)."""
+    mask = mask.astype(bool)
+    h, w = mask.shape
+    size = max(2, int(np.sqrt(mask.sum())))
+    out = mask.astype(np.uint8)
+    k = int(rng.integers(1, max(2, size // 8) + 1)) * 2 + 1
+    if rng.random() < 0.5:
+        out = (cv2.dilate if rng.random() < 0.5 else cv2.erode)(out, np.ones((k, k), np.uint8))
+    ys, xs = np.nonzero(mask)
+    for _ in range(int(rng.integers(1, max_blobs + 1))):
+        i = int(rng.integers(len(ys)))
+        centre = (int(xs[i] + rng.integers(-size // 3, size // 3 + 1)), int(ys[i] + rng.integers(-size // 3, size // 3 + 1)))
+        axes = (int(rng.integers(2, max(3, size // 3))), int(rng.integers(2, max(3, size // 3))))
+        cv2.ellipse(out, centre, axes, float(rng.uniform(0, 180)), 0, 360, int(rng.random() < 0.5), -1)
+    return out.astype(bool)
+
+
+def corrective_clicks(previous: np.ndarray, gt: np.ndarray, n: int, ignore: np.ndarray | None = None
+                      ) -> tuple[list[Click], np.ndarray]:
+    """Up to ``n`` corrective clicks on ``previous``, each answered as a perfect model would
+    (the clicked error region takes the ground truth); returns the clicks and the mask before
+    the last of them."""
+    pred = previous.astype(bool).copy()
+    before = pred.copy()
+    gt = gt.astype(bool)
+    clicks: list[Click] = []
+    for _ in range(n):
+        click = next_click(pred, gt, ignore)
+        if click is None:
+            break
+        errors = (pred != gt) if ignore is None else (pred != gt) & ~ignore.astype(bool)
+        _, regions = cv2.connectedComponents(errors.astype(np.uint8))
+        before = pred.copy()
+        pred[regions == regions[click.y, click.x]] = click.positive
+        clicks.append(click)
+    return clicks, before

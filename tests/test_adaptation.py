@@ -109,7 +109,7 @@ def test_select_parameters():
 def test_ia_turns_corrections_into_constraints():
     m = small_module()
     session = m.session(IMAGE)
-    session.adapter = Adapter(m, ImageAdaptation(steps=10, lr=1e-2, gamma=0.0))
+    session.adapter = Adapter(m, ImageAdaptation(steps=50, lr=1e-2, gamma=0.0, until_respected=True))
     session.adapter.begin(session)
     prob = session.click(*CLICKS)
     assert prob[20, 20] > 0.5 and prob[10, 50] > 0.5 and prob[40, 44] < 0.5
@@ -118,7 +118,7 @@ def test_ia_turns_corrections_into_constraints():
 def test_until_respected_stops_before_a_needless_step():
     m = small_module()
     start = weights(m)
-    adapter = Adapter(m, ImageAdaptation(steps=10, lr=1e-2, gamma=0.0, until_respected=True))
+    adapter = Adapter(m, ImageAdaptation(steps=50, lr=1e-2, gamma=0.0, until_respected=True))
     m.adapter = adapter
     session = m.session(IMAGE)
     session.click(*CLICKS)

@@ -276,3 +276,23 @@ def test_a_real_browser_clicks_undoes_and_accepts(tiny_ckpt_with_importance, tmp
         driver.quit()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_day_of_annotation_becomes_an_evolution_stage(client):
+    """The app's COCO file and clicks are a stage's data and interactions (``make evolve`` with a
+    catalog entry that points at them)."""
+    from datamodules.evolution import record_interactions
+    from datamodules.registry import build_source
+
+    for image, points in ((2, [(30, 30)]), (0, [(32, 32), (20, 25)])):  # accepted out of image order
+        client.post("/api/open", json={"image": image})
+        for x, y in points:
+            client.post("/api/click", json={"x": x, "y": y, "positive": True})
+        assert client.post("/api/accept").status_code == 200
+    out = client.tmp / "out"
+    stage = build_source({"dataset": "coco", "root": str(client.tmp / "images"), "annotations": str(out / "coco.json"),
+                          "images": "."}, "catalog.mine.train", 0)
+    assert len(stage) == 2
+    clicks = record_interactions(stage, client.tmp / "interactions.json", out / "coco.json.clicks.json")
+    assert [[(c.y, c.x) for c in cs] for cs in clicks] == [[(32, 32), (25, 20)], [(30, 30)]]  # in the dataset's order
+    assert (stage.get_sample(0).mask.sum(), stage.get_sample(1).mask.sum()) != (0, 0)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY_DATA, synthetic, tiny_fit_args
@@ -106,20 +107,73 @@ def test_print_config_is_complete():
         (["benchmark", "--ckpt", "CORRUPT"], "cannot be loaded"),
         (["fit", "--config", "configs/train_init.yaml", "--model.backbone", "resnet_nope"], "unknown backbone 'resnet_nope'"),
         (["fit", "--config", "configs/train_init.yaml", "--model.no_such_key", "1"], "no_such_key"),
-        (["benchmark", "--ckpt", "x.ckpt", "--variants", "[magic]"], "unknown variant(s) ['magic']"),
+        (["benchmark", "--ckpt", "x.ckpt", "--variants", "[magic]"], "unknown variant 'magic'"),
+        (["benchmark", "--ckpt", "RANDOM"], "not a PyTorch checkpoint"),
+        (["benchmark", "--ckpt", "x.ckpt", "--max_click", "3"], "unrecognized arguments: --max_click"),
+        (["fit", "--config", "configs/train_init.yaml", "--ckpt_path", "CORRUPT"], "is not a readable Lightning checkpoint"),
+        (["fit", "--config", "configs/train_init.yaml", "--ckpt_path", "no/such.ckpt"], "--ckpt_path 'no/such.ckpt' does not exist"),
+        (["fit", "--config", "configs/train_init.yaml", "--trainer.accelerator", "gpu"], "error:"),
+        (["fit", "--config", "configs/train_init.yaml", "--trainer.devices", "0"], "error:"),
+        (["fit", "--config", "configs/train_init.yaml", "--data.num_workers", "-1"], "data.num_workers=-1: expected at least 0"),
+        (["fit", "--config", "configs/train_init.yaml", "--data.train", "[{dataset: synthetic, domain: source, length: 5}]"],
+         "dataset 'synthetic' needs the key(s) ['seed']"),
+        (["predict", "--config", "configs/train_init.yaml"], "unknown command 'predict'"),
+        (["benchmark", "--ckpt", "STALE_MAS", "--out_dir", "OUT"], "cannot be read"),
     ],
 )
-def test_bad_input_is_one_clear_line(args, expected, tmp_path):
-    if "CORRUPT" in args:
-        bad = tmp_path / "corrupt.ckpt"
-        bad.write_bytes(b"\x00garbage" * 10)
-        args = [str(bad) if a == "CORRUPT" else a for a in args]
-    r = run_cli(*args)
-    assert r.returncode != 0
+def test_bad_input_is_one_clear_line(args, expected, tmp_path, tiny_ckpt):
+    bad = tmp_path / "corrupt.ckpt"
+    bad.write_bytes(b"\x00garbage" * 10)
+    noise = tmp_path / "random.ckpt"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    stale = tmp_path / "model.ckpt"  # a checkpoint whose MAS importance file is corrupt
+    stale.write_bytes(tiny_ckpt.read_bytes())
+    (tmp_path / "model.ckpt.mas.pt").write_bytes(b"junk")
+    swap = {"CORRUPT": bad, "RANDOM": noise, "STALE_MAS": stale, "OUT": tmp_path / "out"}
+    r = run_cli(*[str(swap.get(a, a)) for a in args])
+    assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert expected in r.stderr.strip().splitlines()[-1]
 
 
+def test_top_level_help_lists_every_command():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for command in ("fit", "benchmark", "importance", "evolve", "app", "app-benchmark", "images"):
+        assert f"  {command} " in r.stdout
+
+
+def test_resume_survives_a_kill_during_the_first_last_ckpt(tmp_path):
+    """``--ckpt_path last`` with a half-written last.ckpt (a partial .tmp) and a step checkpoint:
+    the newest step checkpoint is used and the partial file removed."""
+    assert main(tiny_fit_args(tmp_path, steps=2)) == 0
+    folder = tmp_path / "checkpoints"
+    (folder / "last.ckpt").rename(folder / "step00002.ckpt")
+    (folder / ".last.ckpt.abc.tmp").write_bytes(b"partial")
+    assert main(tiny_fit_args(tmp_path, steps=4) + ["--ckpt_path", "last"]) == 0
+    assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+    assert not list(folder.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_fit_and_benchmark_with_a_non_zero_exit(tiny_ckpt, tmp_path):
+    import signal
+    import time
+
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    for args in (tiny_fit_args(tmp_path / "fit", steps=2000),
+                 ["benchmark", "--ckpt", str(tiny_ckpt), "--out_dir", str(tmp_path / "bench"), "--max_clicks", "20",
+                  "--data.test", f"[{synthetic('fundus', 200)}]", "--data.num_workers", "0"]):
+        proc = subprocess.Popen([sys.executable, "-m", "lightning_app", *args], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(25)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err[-2000:]
+        assert "terminated (SIGTERM)" in err
+
+
+@pytest.mark.slow
 def test_training_is_reproducible_and_resumes_exactly(tmp_path):
     """The same config and seed give the same weights; a run stopped half-way and resumed ends
     where an uninterrupted one does."""

@@ -1,6 +1,6 @@
 import torch
 
-from modules.clicks import Click, clicks_to_tensor, encode_clicks, scale_clicks, tensor_to_clicks
+from modules.clicks import Click, clicks_to_rows, clicks_to_tensor, encode_clicks, rows_to_clicks, scale_clicks
 
 
 def test_roundtrip_and_padding():
@@ -8,7 +8,8 @@ def test_roundtrip_and_padding():
     t = clicks_to_tensor(clicks, capacity=5)
     assert t.shape == (5, 3)
     assert t[2:].abs().sum() == 0
-    assert tensor_to_clicks(t) == clicks
+    assert rows_to_clicks(t.tolist()) == clicks  # padding rows dropped
+    assert rows_to_clicks(clicks_to_rows(clicks)) == clicks
 
 
 def test_disk_encoding_exact_pixels():

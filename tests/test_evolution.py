@@ -16,7 +16,8 @@ from torch import nn
 from datamodules.evolution import MaskFree, PairedObjects, record_interactions
 from datamodules.synthetic import SyntheticObjects
 from modules.evaluation import evaluate_object
-from modules.evolution import expand_classifier, feature_alignment_loss, known_class, max_squares_loss, replay_weight
+from modules.evolution import (expand_classifier, feature_alignment_loss, feature_alignment_terms, known_class,
+                               max_squares_known, max_squares_loss, max_squares_unknown, replay_weight)
 from modules.ipt import (centre_points, edge_mask, mean_confidence, prototype, prototype_confidence,
                          refine_pseudo_mask, vote)
 from modules.metrics import iou
@@ -45,11 +46,15 @@ def test_evaluation_gives_the_three_clicks_first():
     gt[8:24, 8:24] = True
     seen = []
 
-    def predict(clicks):
-        seen.append(len(clicks))
-        return gt.astype(float) * (0.7 if len(clicks) < 4 else 1.0)
+    class Session:
+        clicks, seconds = [], []
 
-    r = evaluate_object(predict, gt, max_clicks=5, initial=three_click_protocol(gt))
+        def click(self, *clicks):
+            seen.append(len(clicks))
+            self.clicks = self.clicks + list(clicks)
+            return gt.astype(float)
+
+    r = evaluate_object(Session(), gt, max_clicks=5, initial=three_click_protocol(gt))
     assert seen[0] == 3 and list(r.ious[:2]) == [0.0, 0.0] and r.ious[2] == 1.0 and len(r.ious) == 5
 
 
@@ -105,36 +110,55 @@ def test_ipt_removes_a_spurious_blob_and_restores_a_missed_part():
     assert not out["mask"][40:46, 20:30].any() and out["mask"][10:38, 30:38].all()
     empty = refine_pseudo_mask(features, np.zeros_like(obj), binary, (24, 20), np.random.default_rng(0))
     assert not empty["mask"].any()
+    coarse_only = refine_pseudo_mask(features, coarse, binary, (24, 20), np.random.default_rng(0), components=())
+    assert (coarse_only["mask"] == coarse).all()  # Table 3's first row: nothing refines
+    summed = refine_pseudo_mask(features, coarse, binary, (24, 20), np.random.default_rng(0), vote_maps=False,
+                                coarse_probability=np.where(coarse, 0.55, 0.45))
+    assert summed["mask"][10:38, 30:38].mean() > 0.5  # a hesitant coarse mask is swayed by the prototypes
+
+
+def test_click_window_spans_the_clicks_with_context():
+    from modules.ipt import click_window
+
+    assert click_window([(10, 20), (30, 60)], (100, 100), context=0.25) == (4, 37, 9, 72)  # end exclusive
+    assert click_window([(0, 0), (99, 99)], (100, 100)) == (0, 100, 0, 100)
 
 
 # -- feature alignment, Eq. 7-11 ---------------------------------------------------------------
-def test_feature_alignment_loss():
+def test_feature_alignment_terms_and_loss():
     mask = torch.zeros(1, 8, 8)
     mask[0, 2:6, 2:6] = 1
     fa = torch.zeros(1, 4, 8, 8)
     fa[:, 0] = 1.0
     binary = torch.full((1, 8, 8), 0.5)
-    same = feature_alignment_loss(fa, mask, fa.clone(), mask, binary, torch.tensor([True]))
-    assert same.item() == pytest.approx(0.0, abs=1e-7)
+    g, p, present = feature_alignment_terms(fa, mask, fa.clone(), mask, binary)
+    assert g.item() == pytest.approx(0.0, abs=1e-7) and p.item() == pytest.approx(0.0, abs=1e-7) and present.item()
     fb = fa.clone().requires_grad_(True)
     with torch.no_grad():
-        fb[:, 1, 2:4] = 1.0  # part of B's object differs from A's prototype
-    unknown = feature_alignment_loss(fa, mask, fb, mask, binary, torch.tensor([False]))
-    known = feature_alignment_loss(fa, mask, fb, mask, binary, torch.tensor([True]))
-    assert 0 < unknown.item() < known.item()  # Eq. 8 is Eq. 7 without the pixel term
-    sure = feature_alignment_loss(fa, mask, fb, mask, torch.full((1, 8, 8), 1.0), torch.tensor([True]))
-    assert sure.item() < known.item()  # 1 / M'_b: uncertain pixels weigh more
+        fb[:, 1, 2:4] = 1.0  # 8 of B's 16 object pixels differ from A's prototype by (0, 1, 0, 0)
+    b_binary = torch.full((1, 8, 8), 0.5, requires_grad=True)
+    g, p, present = feature_alignment_terms(fa, mask, fb, mask, b_binary)
+    assert g.item() == pytest.approx(0.25)  # squared Euclidean: ||(0, 0.5, 0, 0)||^2
+    assert p.item() == pytest.approx(8 / 16 * 1.0 / 0.5)  # mean over the mask of ||F - c_a||^2 / M'_b
+    known = feature_alignment_loss(g, p, present, torch.tensor([True]))
+    unknown = feature_alignment_loss(g, p, present, torch.tensor([False]))
+    assert unknown.item() == pytest.approx(g.item()) and known.item() == pytest.approx(g.item() + p.item())
+    both = feature_alignment_loss(g, p, present, torch.tensor([False]), unknown_terms=("global", "pixel"))
+    assert both.item() == pytest.approx(known.item())  # Table 5's first row
     known.backward()
-    assert fb.grad is not None and fb.grad.abs().sum() > 0
-    empty = feature_alignment_loss(fa, torch.zeros(1, 8, 8), fb, mask, binary, torch.tensor([True]))
-    assert empty.item() == 0.0
+    assert fb.grad.abs().sum() > 0 and b_binary.grad is None  # M'_b only weighs the pixels
+    g0, p0, present0 = feature_alignment_terms(fa, torch.zeros(1, 8, 8), fb, mask, binary)
+    assert feature_alignment_loss(g0, p0, present0, torch.tensor([True])).item() == 0.0
 
 
 def test_max_squares_and_replay_weight_and_classifier():
-    p = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
-    ms = max_squares_loss(p, torch.tensor([False, False]))
-    assert ms.item() == pytest.approx((-1.0 - 0.5) / 2)
-    assert max_squares_loss(p, torch.tensor([True, True])).item() == pytest.approx(ms.item() / 2)
+    p = torch.tensor([[[0.0, 1.0]], [[0.5, 0.5]]])  # (N, h, w)
+    assert max_squares_unknown(p).tolist() == pytest.approx([-1.0, -0.5])  # Eq. 10
+    sure, unsure = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.5]])
+    assert max_squares_known(p[:1], sure).item() == pytest.approx(-0.5)  # Eq. 9: sure pixels of a sure class
+    assert max_squares_known(p[:1], unsure).item() > max_squares_known(p[:1], sure).item()  # class doubt costs
+    mixed = max_squares_loss(p, torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([True, False]))
+    assert mixed.item() == pytest.approx((-0.5 - 0.5) / 2)
     assert [replay_weight(x) for x in (0.0, 0.5, 1.0, 2.0)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
     old = nn.Linear(6, 4)
     new = expand_classifier(old)
@@ -144,17 +168,24 @@ def test_max_squares_and_replay_weight_and_classifier():
 
 
 def test_pairs_take_an_earlier_object_of_the_judged_class():
+    class Classes:
+        def __init__(self, classes):
+            self.classes = classes
+
+        def class_of(self, i):
+            return self.classes[i]
+
     class Fake:
-        def __init__(self, n):
-            self.n = n
+        def __init__(self, classes):
+            self.source = Classes(classes)
 
         def __len__(self):
-            return self.n
+            return len(self.source.classes)
 
         def __getitem__(self, i):
             return {"i": i}
 
-    pairs = PairedObjects(Fake(3), [2, -1, 7], Fake(6), [0, 2, 2, -1, 1, 0])
+    pairs = PairedObjects(Fake([0, 0, 0]), [2, -1, 7], Fake([0, 2, 2, -1, 1, 0]))
     for _ in range(20):
         same, anyone, missing = pairs[0], pairs[1], pairs[2]
         assert same["a"]["i"] in (1, 2) and same["b"]["pair_class"] == 2
@@ -185,7 +216,7 @@ def evolve_args(ckpt, out, stages="[fundus, rooftop]", epochs=2):
     catalog_yaml = "{" + ", ".join(f"{d}: {{train: {v['train']}, test: {v['test']}}}" for d, v in catalog.items()) + "}"
     return ["evolve", "--config", str(ROOT / "configs/evolve.yaml"), "--init_ckpt", str(ckpt), "--out_dir", str(out),
             "--stages", stages, "--catalog", catalog_yaml, "--source_replay", entry("source", 12, 0),
-            "--source_test", entry("source", 3, 2), "--epochs", str(epochs), "--batch_size", "4", "--num_workers", "0",
+            "--source_test", entry("source", 3, 2), "--epochs", str(epochs), "--batch_size", "2", "--num_workers", "0",
             "--crop_size", "64", "--min_area", "16", "--max_clicks", "5"]
 
 
@@ -217,6 +248,7 @@ def test_a_stage_never_reads_its_datasets_masks(evolve_init_ckpt, tmp_path, monk
     assert set(results["table"]) == {"init", "+fundus"}
 
 
+@pytest.mark.slow
 def test_evolution_sequence_table_and_resume_after_kill(evolve_init_ckpt, tmp_path):
     out = tmp_path / "evolve"
     args = [sys.executable, "-m", "lightning_app", *evolve_args(evolve_init_ckpt, out, epochs=8)]
@@ -245,9 +277,10 @@ def test_evolution_sequence_table_and_resume_after_kill(evolve_init_ckpt, tmp_pa
     assert 0 <= cell["miou_3click"] <= 1 and 3 <= cell["noc"]["85"] <= 5
     for name in ("fundus", "rooftop"):
         q = results["pseudo_masks"][name]
-        assert 0 <= q["coarse_miou"] <= 1 and 0 <= q["ipt_miou"] <= 1 and q["n_objects"] == 12
+        assert 0 <= q["coarse"]["miou"] <= 1 and 0 <= q["refined"]["miou"] <= 1 and q["n_objects"] == 12
     csv_rows = (out / "table.csv").read_text().splitlines()
-    assert csv_rows[0] == "model,dataset,miou_3click,noc@85,noc@90" and len(csv_rows) == 1 + 3 + 2 + 3
+    assert csv_rows[0].startswith("model,dataset,miou_3click,ci95_low") and len(csv_rows) == 1 + 3 + 2 + 3
+    assert "+rooftop" in (out / "table.md").read_text()
     assert (out / "table.png").stat().st_size > 0
     final = torch.load(out / "stage2_rooftop" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["epoch"] == 7  # the resumed stage finished its epochs
@@ -264,3 +297,123 @@ def test_evolve_bad_input(evolve_init_ckpt, tmp_path):
     plain = tmp_path / "plain"
     assert main(tiny_fit_args(plain, steps=1)) == 0
     assert main(evolve_args(plain / "checkpoints" / "last.ckpt", tmp_path, stages="[fundus]")) == 2
+
+
+# -- the user's headline command on fixtures in the official layouts ---------------------------
+def scene(rng: np.random.Generator, h: int = 48, w: int = 64, n: int = 2) -> tuple[np.ndarray, list[np.ndarray]]:
+    """An image with ``n`` rectangles of their own colours, and their masks."""
+    image = rng.integers(40, 90, (h, w, 3)).astype(np.uint8)
+    masks = []
+    for k in range(n):
+        y, x = int(rng.integers(2, h - 20)), int(rng.integers(2 + k * w // 2, max(3 + k * w // 2, (k + 1) * w // 2 - 18)))
+        m = np.zeros((h, w), bool)
+        m[y:y + 16, x:x + 14] = True
+        image[m] = rng.integers(150, 255, 3)
+        masks.append(m)
+    return image, masks
+
+
+def write_headline_fixtures(root) -> dict[str, str]:
+    """VOC 2012 + SBD (the initial data), Cityscapes and COCO (the stages), a few images each."""
+    import cv2
+    import scipy.io
+    from PIL import Image
+    from pycocotools import mask as coco_mask
+
+    rng = np.random.default_rng(0)
+    voc, sbd, cs, coco = root / "VOC2012", root / "SBD", root / "cityscapes", root / "coco"
+    for split, names in (("train", [f"2008_{i:06d}" for i in range(6)]), ("val", [f"2009_{i:06d}" for i in range(3)])):
+        (voc / "ImageSets/Segmentation").mkdir(parents=True, exist_ok=True)
+        (voc / f"ImageSets/Segmentation/{split}.txt").write_text("\n".join(names) + "\n")
+        for name in names:
+            image, masks = scene(rng)
+            for folder in ("JPEGImages",):
+                (voc / folder).mkdir(exist_ok=True)
+            cv2.imwrite(str(voc / "JPEGImages" / f"{name}.jpg"), image)
+            inst = np.zeros(image.shape[:2], np.uint8)
+            cls = np.zeros(image.shape[:2], np.uint8)
+            for k, m in enumerate(masks, start=1):
+                inst[m], cls[m] = k, 15 if k == 1 else 12
+            for folder, values in (("SegmentationObject", inst), ("SegmentationClass", cls)):
+                (voc / folder).mkdir(exist_ok=True)
+                im = Image.fromarray(values, mode="P")
+                im.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
+                im.save(voc / folder / f"{name}.png")
+    (sbd / "img").mkdir(parents=True)
+    (sbd / "inst").mkdir()
+    (sbd / "train.txt").write_text("\n".join(f"2010_{i:06d}" for i in range(4)) + "\n")
+    for i in range(4):
+        image, masks = scene(rng)
+        cv2.imwrite(str(sbd / "img" / f"2010_{i:06d}.jpg"), image)
+        seg = np.zeros(image.shape[:2], np.uint8)
+        for k, m in enumerate(masks, start=1):
+            seg[m] = k
+        scipy.io.savemat(sbd / "inst" / f"2010_{i:06d}.mat",
+                         {"GTinst": {"Segmentation": seg, "Categories": np.array([[7], [3]]), "Boundaries": np.zeros(2)}})
+    for split, count in (("train", 6), ("val", 3)):
+        for i in range(count):
+            image, masks = scene(rng)
+            ids = np.full(image.shape[:2], 7, np.uint16)
+            for k, m in enumerate(masks):
+                ids[m] = 26000 + k
+            stem = f"aachen_{i:06d}_000019"
+            (cs / f"gtFine/{split}/aachen").mkdir(parents=True, exist_ok=True)
+            (cs / f"leftImg8bit/{split}/aachen").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(cs / f"gtFine/{split}/aachen/{stem}_gtFine_instanceIds.png"), ids)
+            cv2.imwrite(str(cs / f"leftImg8bit/{split}/aachen/{stem}_leftImg8bit.png"), image)
+        doc = {"images": [], "annotations": [], "categories": [{"id": 60, "name": "donut"}, {"id": 1, "name": "person"}]}
+        (coco / f"{split}2017").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image, masks = scene(rng)
+            cv2.imwrite(str(coco / f"{split}2017" / f"{i + 1:012d}.jpg"), image)
+            doc["images"].append({"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "height": 48, "width": 64})
+            for k, m in enumerate(masks):
+                rle = coco_mask.encode(np.asfortranarray(m.astype(np.uint8)))
+                doc["annotations"].append({"id": 100 * (i + 1) + k, "image_id": i + 1, "category_id": [60, 1][k],
+                                           "iscrowd": 0, "area": float(m.sum()),
+                                           "bbox": [float(v) for v in coco_mask.toBbox(rle)],
+                                           "segmentation": {"size": [48, 64], "counts": rle["counts"].decode()}})
+        (coco / "annotations").mkdir(exist_ok=True)
+        (coco / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(doc))
+    return {"VOC_ROOT": str(voc), "SBD_ROOT": str(sbd), "CITYSCAPES_ROOT": str(cs), "COCO_ROOT": str(coco)}
+
+
+@pytest.mark.slow
+def test_evolve_cityscapes_then_coco_from_a_voc_model_resumes_after_a_kill(tmp_path):
+    """`make evolve STAGES=cityscapes,coco` with the VOC+SBD initial model config, end to end."""
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT), **write_headline_fixtures(tmp_path / "data"))
+    small = ["--data.crop_size", "64", "--data.train_max_side", "64", "--data.min_area", "16", "--data.num_workers", "0",
+             "--data.batch_size", "2", "--model.eval_max_side", "64", "--model.aspp_channels", "16",
+             "--model.decoder_channels", "16"]
+    init = tmp_path / "init"
+    fit = subprocess.run([sys.executable, "-m", "lightning_app", "fit", "--config", "configs/evolve/init.yaml", "--config",
+                          "configs/evolve/init_voc.yaml", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+                          "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+                          "--trainer.default_root_dir", str(init), *small],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    out = tmp_path / "evolve"
+    args = [sys.executable, "-m", "lightning_app", "evolve", "--config", "configs/evolve.yaml",
+            "--init_ckpt", str(init / "checkpoints" / "last.ckpt"), "--out_dir", str(out), "--stages", "[cityscapes, coco]",
+            "--source_replay", "{dataset: voc, split: train}", "--source_test", "{dataset: voc, split: val}",
+            "--epochs", "6", "--batch_size", "2", "--crop_size", "64", "--train_max_side", "64", "--min_area", "16",
+            "--num_workers", "0", "--max_clicks", "4"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    epoch = out / "stage1_cityscapes" / "checkpoints" / "epoch=1.ckpt"
+    deadline = time.time() + 400
+    while not epoch.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert epoch.exists(), f"the first stage never reached its second epoch: {err[-1500:]}"
+    assert not (out / "stage1_cityscapes" / "model.ckpt").exists()
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stage 'cityscapes': resuming from" in r.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["table"]) == ["init", "+cityscapes", "+coco"]
+    assert set(results["table"]["+coco"]) == {"source", "cityscapes", "coco"}
+    assert results["pseudo_masks"]["coco"]["n_objects"] == 12
+    changed = subprocess.run(args[:-2] + ["--max_clicks", "4", "--epochs", "7"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert changed.returncode == 2 and "belongs to another initial model or method" in changed.stderr

@@ -8,20 +8,22 @@ from modules.session import network_size
 
 
 @pytest.mark.parametrize(
-    "backbone,output_stride",
-    [("resnet10t", 16), ("resnet10t", 8), ("mobilenetv3_small_050", 16)],
+    "backbone,output_stride,decoder_stride",
+    [("resnet10t", 16, 4), ("resnet10t", 8, 4), ("resnet10t", 16, 2), ("mobilenetv3_small_050", 16, 4)],
 )
-def test_deeplab_on_several_backbones(backbone, output_stride):
-    net = DeepLabV3Plus(backbone, in_chans=5, output_stride=output_stride, aspp_channels=16, decoder_channels=16).eval()
-    x = torch.randn(2, 5, 64, 96)
+def test_deeplab_on_several_backbones(backbone, output_stride, decoder_stride):
+    net = DeepLabV3Plus(backbone, in_chans=6, output_stride=output_stride, aspp_channels=16, decoder_channels=16,
+                        guide_channels=3, decoder_stride=decoder_stride).eval()
+    x = torch.randn(2, 6, 64, 96)
     with torch.no_grad():
         feats = net.encode(x)
         out = net(x)
     assert out.shape == (2, 1, 64, 96)
     # decoder input channels come from the backbone's feature_info, strides 4 and OS
-    assert [f.shape[1] for f in feats] == net.encoder.feature_info.channels()
-    assert feats[0].shape[-1] == 96 // 4 and feats[1].shape[-1] == 96 // output_stride
-    assert net.decode_features(feats).shape[-2:] == (16, 24)
+    assert [feats[k].shape[1] for k in ("low", "deep")] == net.encoder.feature_info.channels()[-2:]
+    assert feats["low"].shape[-1] == 96 // 4 and feats["deep"].shape[-1] == 96 // output_stride
+    assert feats["guide4"].shape[1:] == (3, 16, 24)  # the click maps and previous mask reach the decoder
+    assert net.decode_features(feats).shape[-2:] == ((32, 48) if decoder_stride == 2 else (16, 24))
 
 
 def test_unknown_backbone_and_stride_are_user_errors():

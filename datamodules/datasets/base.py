@@ -117,6 +117,10 @@ class IndexedObjects:
     def class_of(self, index: int) -> int:
         return self.objects[index].class_id
 
+    def key_of(self, index: int):
+        """Which object of its annotation file object ``index`` is (e.g. a COCO annotation id)."""
+        return self.objects[index].key
+
     def describe(self) -> str:
         images = len({o.image for o in self.objects})
         return (f"{self.name}: {len(self.objects)} objects in {images} images "

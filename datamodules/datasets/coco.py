@@ -5,6 +5,10 @@ Layout (``root`` = the COCO folder)::
     annotations/instances_{train,val}2017.json
     {train,val}2017/<file_name>
 
+or any COCO instances file (``annotations``) over an image folder (``images``, relative to
+``root``), e.g. the annotation app's output: ``{dataset: coco, root: my_images, annotations:
+annotations.json, images: .}``.
+
 The annotation file is parsed once (pycocotools); masks are decoded per object in
 ``get_sample``, never all at once.
 """
@@ -27,19 +31,21 @@ class COCOObjects(IndexedObjects):
 
     name = "coco"
 
-    def __init__(self, root: str | Path, split: str = "train", year: str = "2017", min_area: int = 0):
-        self.split, self.year = split, year
+    def __init__(self, root: str | Path, split: str = "train", year: str = "2017", annotations: str | None = None,
+                 images: str | None = None, min_area: int = 0):
+        self.split, self.year, self.annotations, self.images = split, year, annotations, images
         super().__init__(root, min_area)
 
     def index(self) -> Iterable[ObjectRef]:
-        path = require_file(self.root / "annotations" / f"instances_{self.split}{self.year}.json", "COCO annotation file")
+        path = require_file(Path(self.annotations) if self.annotations else
+                            self.root / "annotations" / f"instances_{self.split}{self.year}.json", "COCO annotation file")
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its timing
                 self.coco = COCO(str(path))
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"COCO annotation file '{path}' cannot be read: {e}") from e
         self.class_names = {c["id"]: c["name"] for c in self.coco.loadCats(self.coco.getCatIds())}
-        images = self.root / f"{self.split}{self.year}"
+        images = self.root / (self.images if self.images is not None else f"{self.split}{self.year}")
         for image_id in sorted(self.coco.getImgIds()):
             info = self.coco.imgs[image_id]
             for ann in self.coco.imgToAnns[image_id]:

@@ -1,0 +1,94 @@
+"""Paper B's pseudo mask of one object (sec. 3.2): the model's coarse mask from the user's clicks,
+refined by the interactive-prototype module (``modules.ipt``) in a window around the clicks that
+is zoomed to the network's resolution, and the classifier's verdict on the object's class."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from modules.clicks import Click, clicks_to_tensor, scale_clicks
+from modules.evolution import known_class
+from modules.ipt import IPT_COMPONENTS, click_window, refine_pseudo_mask
+from modules.session import network_size
+
+
+@dataclass(frozen=True)
+class PseudoLabelling:
+    """How a stage makes its pseudo masks.
+
+    Args:
+        ipt: refine the coarse masks with IPT (otherwise train on the coarse ones).
+        window: run on a window around the clicks zoomed to the network's resolution (the paper's
+            crops); otherwise on the whole image.
+        context: the window's margin around the clicks, as a share of their span.
+        components: IPT's prototypes (paper B's Table 3 rows).
+        vote: combine the label maps by vote (Eq. 5-6); otherwise the weighted sum of Table 3.
+        m, n, centre_weight, edge_weight, points, kernel, iterations, radius: IPT's parameters
+            (sec. 4.1.2).
+        known_threshold: the classifier's minimum probability for a known class.
+    """
+
+    ipt: bool = True
+    window: bool = True
+    context: float = 0.25
+    components: tuple[str, ...] = IPT_COMPONENTS
+    vote: bool = True
+    m: float = 0.70
+    n: float = 0.75
+    centre_weight: float = 0.3
+    edge_weight: float = 0.7
+    points: int = 3
+    kernel: int = 5
+    iterations: int = 3
+    radius: float = 10.0
+    known_threshold: float = 0.5
+
+    def ipt_options(self) -> dict:
+        return {k: getattr(self, k) for k in ("m", "n", "centre_weight", "edge_weight", "points", "kernel",
+                                              "iterations", "radius", "components")} | {"vote_maps": self.vote}
+
+
+def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    if mask.shape == tuple(hw):
+        return mask.astype(bool)
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return (F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False)[0, 0] > 0.5).numpy()
+
+
+@torch.no_grad()
+def pseudo_label(model, image: torch.Tensor, clicks: list[Click], known_classes: int, rng: np.random.Generator,
+                 options: PseudoLabelling = PseudoLabelling()) -> tuple[np.ndarray, np.ndarray, int]:
+    """The coarse and the refined pseudo mask ``(H, W)`` of one object of ``image``
+    ``(1, 3, H, W)`` from its ``clicks`` (the positive one first), and the classifier's verdict
+    (a known class id, or -1). Nothing here reads a ground-truth mask."""
+    hw = tuple(image.shape[-2:])
+    y0, y1, x0, x1 = click_window([(c.y, c.x) for c in clicks], hw, options.context) if options.window else (0, hw[0], 0, hw[1])
+    crop = image[..., y0:y1, x0:x1]
+    full_net = network_size(hw, model.hparams.eval_max_side)
+    zoom = max(full_net) / max(y1 - y0, x1 - x0) if options.window else 1.0
+    net_hw = network_size((round((y1 - y0) * zoom), round((x1 - x0) * zoom)), max(full_net))
+    net_image = F.interpolate(crop, size=net_hw, mode="bilinear", align_corners=False)
+    local = [Click(c.y - y0, c.x - x0, c.positive) for c in clicks]
+    net_clicks = scale_clicks(clicks_to_tensor(local)[None].to(image.device), (y1 - y0, x1 - x0), net_hw)
+    out = model.outputs(net_image, net_clicks)
+    probability = out["logits"].sigmoid()[0, 0].cpu().numpy()
+    coarse = probability > 0.5
+    refined = coarse
+    if options.ipt and coarse.any():
+        up = lambda t: F.interpolate(t, size=net_hw, mode="bilinear", align_corners=False)  # noqa: E731
+        positive = next(c for c in net_clicks[0].tolist() if c[2] > 0)
+        click = (min(max(round(positive[0]), 0), net_hw[0] - 1), min(max(round(positive[1]), 0), net_hw[1] - 1))
+        refined = refine_pseudo_mask(F.normalize(up(out["features"]), dim=1)[0].cpu(), coarse,
+                                     torch.sigmoid(up(out["binary"]))[0, 0].cpu().numpy(), click, rng,
+                                     coarse_probability=probability, **options.ipt_options())["mask"]
+
+    def back(mask: np.ndarray) -> np.ndarray:
+        full = np.zeros(hw, bool)
+        full[y0:y1, x0:x1] = _resize_mask(mask, (y1 - y0, x1 - x0))
+        return full
+
+    verdict = int(known_class(out["classes"], known_classes, options.known_threshold)[0])
+    return back(coarse), back(refined), verdict
