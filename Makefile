@@ -21,7 +21,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv demo train-init benchmark adapt-sequence tune train-bsds tune-real benchmark-real evolve-init evolve evolve-ablation app app-benchmark test test-slow clean
+.PHONY: help venv demo train-init train-paper benchmark adapt-sequence tune train-bsds tune-real benchmark-real evolve-init evolve evolve-ablation app app-benchmark test test-slow clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ demo: $(STAMP) ## train the initial model on the embedded source domain, then fi
 train-init: $(STAMP) ## train (or resume) the initial model and its MAS importance -> runs/train_init/checkpoints/last.ckpt{,.mas.pt}
 	$(PY) -m lightning_app fit --config configs/train_init.yaml --ckpt_path last $(ARGS)
 	$(PY) -m lightning_app importance --ckpt $(CKPT)
+
+train-paper: $(STAMP) ## paper A's 5-channel network with the same recipe (no previous mask, no click skip) -> runs/train_paper/
+	$(PY) -m lightning_app fit --config configs/train_init.yaml --config configs/model/paper.yaml --trainer.default_root_dir runs/train_paper --trainer.logger.init_args.save_dir runs/train_paper --trainer.logger.init_args.name train_paper --ckpt_path last $(ARGS)
+	$(PY) -m lightning_app importance --ckpt runs/train_paper/checkpoints/last.ckpt
 
 benchmark: $(STAMP) ## fixed / IA / SA / IA+SA on 100 objects per domain, with 95% intervals -> runs/benchmark/
 	$(PY) -m lightning_app benchmark --config configs/benchmark.yaml --ckpt $(CKPT) --out_dir $(BENCH_OUT) $(ARGS)

@@ -22,7 +22,8 @@ class ObjectRecord:
     seconds: list[float]
     user_clicks: int
     clicks: int
-    repeats: int
+    repeats: int  # clicks within 2 px of an earlier click of the same sign, of all max_clicks
+    user_repeats: int  # the same among the clicks until the target IoU (Algorithm 1's user)
     shape: tuple[int, int]
     first_mask: np.ndarray
     last_mask: np.ndarray
@@ -51,7 +52,7 @@ class ClickRecorder(pl.Callback):
         name = loader.dataset.name
         self.records.setdefault(name, {})[int(batch["index"][0])] = ObjectRecord(
             batch["name"][0], outputs.ious, outputs.seconds, outputs.user_clicks, len(outputs.clicks),
-            repeated_clicks(outputs.clicks), outputs.last_mask.shape, np.packbits(outputs.first_mask),
+            repeated_clicks(outputs.clicks), repeated_clicks(outputs.clicks[:outputs.user_clicks]), outputs.last_mask.shape, np.packbits(outputs.first_mask),
             np.packbits(outputs.last_mask))
         now = time.monotonic()
         if trainer.is_global_zero and now - self._last > self.every:  # a line now and then, also in a log file

@@ -182,6 +182,7 @@ def _entry(records: list[ObjectRecord], rollbacks: int, thresholds: list[float],
         "seconds_per_click_p50": float(np.percentile(seconds, 50)),
         "seconds_per_click_p95": float(np.percentile(seconds, 95)),
         "repeated_click_fraction": float(sum(r.repeats for r in records) / max(1, sum(r.clicks for r in records))),
+        "repeated_user_click_fraction": float(sum(r.user_repeats for r in records) / max(1, sum(r.user_clicks for r in records))),
         "user_clicks_mean": float(np.mean([r.user_clicks for r in records])),
         "adaptation_rollbacks": int(rollbacks),
         "iou_at_k_first_last": sequence_drift(ious, click=min(4, max_clicks)),
@@ -247,7 +248,7 @@ def _log_to_wandb(project: str, group: str, out: Path, variant: str, dataset, re
         run.log({"image": i, "iou_at_4": float(r.ious[min(4, max_clicks) - 1])})
     summary = {f"noc@{t}": v for t, v in entry["noc"].items()} | {f"failures@{t}": v for t, v in entry["failures"].items()}
     summary |= {k: entry[k] for k in ("seconds_per_click", "seconds_per_click_p95", "repeated_click_fraction",
-                                      "adaptation_rollbacks", "n_objects")}
+                                      "repeated_user_click_fraction", "adaptation_rollbacks", "n_objects")}
     run.summary.update(summary)
     order = np.argsort([r.ious[-1] for r in records])[:worst]
     images = []

@@ -139,7 +139,7 @@ def results_table(results: dict) -> Table:
     table = Table(title=f"Interactive segmentation benchmark (max {protocol['max_clicks']} clicks, "
                         f"NoC with bootstrap 95% interval)")
     for name in ["dataset", "variant", *[f"NoC@{t}" for t in thresholds], f"fail@{thresholds[-1]}",
-                 *[f"mIoU@{k}" for k in _clicks_shown(protocol["max_clicks"])], "ms/click", "repeat", "objects"]:
+                 *[f"mIoU@{k}" for k in _clicks_shown(protocol["max_clicks"])], "ms/click", "repeat", "repeat (user)", "objects"]:
         table.add_column(name, justify="left" if name in ("dataset", "variant") else "right")
     for ds, variants in results["results"].items():
         for variant, r in variants.items():
@@ -150,7 +150,7 @@ def results_table(results: dict) -> Table:
                 str(r["failures"][thresholds[-1]]),
                 *[f"{r['miou_at_click'][k - 1]:.3f}" for k in _clicks_shown(protocol["max_clicks"])],
                 f"{1000 * r['seconds_per_click']:.1f}", f"{r.get('repeated_click_fraction', float('nan')):.2f}",
-                str(r["n_objects"]),
+                f"{r.get('repeated_user_click_fraction', float('nan')):.2f}", str(r["n_objects"]),
             )
     return table
 
@@ -169,7 +169,7 @@ def markdown_table(results: dict) -> str:
     thresholds = [threshold_key(t) for t in protocol["iou_thresholds"]]
     ks = _clicks_shown(protocol["max_clicks"])
     head = ["dataset", "variant", *[f"NoC@{t} [95% CI]" for t in thresholds], f"fail@{thresholds[-1]}",
-            *[f"mIoU@{k}" for k in ks], "ms/click", "repeat"]
+            *[f"mIoU@{k}" for k in ks], "ms/click", "repeat", "repeat (user)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ds, variants in results["results"].items():
         headline = headline_threshold(protocol, ds)
@@ -180,7 +180,8 @@ def markdown_table(results: dict) -> str:
             lines.append("| " + " | ".join([ds, variant, *cells, str(r["failures"][thresholds[-1]]),
                                             *[f"{r['miou_at_click'][k - 1]:.3f}" for k in ks],
                                             f"{1000 * r['seconds_per_click']:.1f}",
-                                            f"{r.get('repeated_click_fraction', float('nan')):.2f}"]) + " |")
+                                            f"{r.get('repeated_click_fraction', float('nan')):.2f}",
+                                            f"{r.get('repeated_user_click_fraction', float('nan')):.2f}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
