@@ -40,3 +40,20 @@ class ProgressLog(pl.Callback):
                                if k in metrics)
             print(f"step {trainer.global_step}/{trainer.max_steps} · {shown} · {rate:.2f} steps/s · "
                   f"{left / 60:.1f} min left", flush=True)
+
+
+class LearningRateLog(pl.callbacks.LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor`` that stays quiet when a run has no logger
+    (``--trainer.logger false``) instead of stopping it."""
+
+    def on_train_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
