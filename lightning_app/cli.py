@@ -51,8 +51,10 @@ def function_parser(name: str) -> ArgumentParser:
     parser = ArgumentParser(prog=f"python -m lightning_app {name}", description=fn.__doc__.split("\n")[0],
                             allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (see configs/)")
-    parser.add_function_arguments(fn, skip={"data"})
-    if "data" in inspect.signature(fn).parameters:
+    data = inspect.signature(fn).parameters.get("data")
+    takes_module = data is not None and data.annotation in (InteractiveDataModule, "InteractiveDataModule")
+    parser.add_function_arguments(fn, skip={"data"} if takes_module else set())  # else ``data`` is one entry
+    if takes_module:
         parser.add_class_arguments(InteractiveDataModule, "data")
     return parser
 

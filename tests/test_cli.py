@@ -191,3 +191,10 @@ def test_training_is_reproducible_and_resumes_exactly(tmp_path):
     a, b, c = state(tmp_path / "a"), state(tmp_path / "b"), state(tmp_path / "c")
     assert all(torch.equal(a[k], b[k]) for k in a), "same config and seed, different weights"
     assert all(torch.equal(a[k], c[k]) for k in a), "a resumed run differs from an uninterrupted one"
+
+
+def test_images_writes_a_data_entrys_images(tmp_path):
+    """`make app`'s first step: a data entry's images as PNG files."""
+    r = run_cli("images", "--data", "{dataset: synthetic, domain: fundus, length: 2, seed: 7}", "--out_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fundus_000.png", "fundus_001.png"]

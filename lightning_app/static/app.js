@@ -60,13 +60,19 @@ async function refreshList() {
   list = data.images; renderList(data);
 }
 
+function fit() {  // show the image as large as the stage allows (small images scaled up, pixels kept sharp)
+  const stage = $("stage"), scale = Math.min((stage.clientWidth - 16) / canvas.width, (stage.clientHeight - 16) / canvas.height);
+  if (scale > 0) { canvas.style.width = `${Math.floor(canvas.width * scale)}px`; canvas.style.height = `${Math.floor(canvas.height * scale)}px`; }
+}
+window.addEventListener("resize", fit);
+
 async function open(id) {
   if (id === null || id === undefined) { say("every image is done"); return; }
   const state = await api("POST", "/api/open", {image: id});
   current = id; clicks = state.clicks; mask = null;
   const img = new Image();
   await new Promise((ok, bad) => { img.onload = ok; img.onerror = bad; img.src = `/api/images/${id}/file`; });
-  image = img; canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  image = img; canvas.width = img.naturalWidth; canvas.height = img.naturalHeight; fit();
   $("title").textContent = list[id] ? list[id].name : `image ${id}`;
   $("mode").value = state.mode;
   renderList(state); draw(); say("");
