@@ -66,6 +66,17 @@ def rle_counts(mask: np.ndarray) -> list[int]:
     return ([0] + runs) if flat.size and flat[0] else runs
 
 
+def rle_mask(rle: dict) -> np.ndarray:
+    """The mask of uncompressed COCO RLE ``{"size": [h, w], "counts": [...]}`` (``rle_counts``'s inverse)."""
+    h, w = rle["size"]
+    flat = np.zeros(h * w, bool)
+    pos, value = 0, False
+    for run in rle["counts"]:
+        flat[pos:pos + run] = value
+        pos, value = pos + run, not value
+    return flat.reshape((w, h)).T
+
+
 class CocoStore:
     """The accepted objects as a COCO instances file, written atomically after each change, and
     their clicks beside it; reopening the same file resumes."""

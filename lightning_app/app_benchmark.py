@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from datamodules.registry import build_source
-from lightning_app.annotate import MODES, Annotator
+from lightning_app.annotate import MODES, Annotator, rle_mask
 from modules.errors import UserError
 from modules.io import atomic_write_text
 from modules.simulate import next_click
@@ -68,10 +68,7 @@ def app_benchmark(ckpt: str, data: dict[str, Any] = {"dataset": "synthetic", "do
     results: dict[str, Any] = {"checkpoint": ckpt, "data": data, "clicks_per_image": clicks, "think_seconds": think_seconds,
                                "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "images"
-        folder.mkdir()
-        for k in range(len(source)):
-            cv2.imwrite(str(folder / f"{k:03d}.png"), cv2.cvtColor(source.get_image(k), cv2.COLOR_RGB2BGR))
+        folder = export_images(data, str(Path(tmp) / "images"), count=len(source))  # sorted names: image k is object k
         for mode in modes:
             annotator = Annotator(ckpt, str(folder), str(Path(tmp) / f"{mode}.json"), mode=mode)
             server, wall = [], []
@@ -88,13 +85,7 @@ def app_benchmark(ckpt: str, data: dict[str, Any] = {"dataset": "synthetic", "do
                         r = client.post("/api/click", json={"x": c.x, "y": c.y, "positive": c.positive}).json()
                         wall.append(time.perf_counter() - start)
                         server.append(r["latency_ms"] / 1000)
-                        h, w = r["mask"]["size"]
-                        flat = np.zeros(h * w, bool)
-                        pos, value = 0, False
-                        for run in r["mask"]["counts"]:
-                            flat[pos:pos + run] = value
-                            pos, value = pos + run, not value
-                        pred = flat.reshape((w, h)).T
+                        pred = rle_mask(r["mask"])
                         time.sleep(think_seconds)
                     if pred.any():
                         client.post("/api/accept")

@@ -208,7 +208,7 @@ def _evaluate(ckpt, importance, dataset, variant, name, adapt_dir, max_clicks, t
     trainer.test(module, dataloaders=DataLoader(dataset, batch_size=1, num_workers=num_workers), verbose=False)
     if not trainer.is_global_zero:
         return None, 0
-    return recorder.dataset(dataset.name), (adaptation.adapter.rollbacks if getattr(adaptation, "adapter", None) else 0)
+    return recorder.dataset(dataset.name), (adaptation.adapter.rollbacks if adaptation.adapter else 0)
 
 
 def _wandb_run(project: str, group: str, out: Path, name: str):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from pycocotools import mask as coco_mask
 
-from lightning_app.annotate import Annotator, rle_counts
+from lightning_app.annotate import Annotator, rle_counts, rle_mask
 
 
 def write_images(folder: Path, n: int = 3, size: int = 64) -> list[Path]:
@@ -29,16 +29,6 @@ def write_images(folder: Path, n: int = 3, size: int = 64) -> list[Path]:
         cv2.imwrite(str(p), cv2.cvtColor(source.get_image(i), cv2.COLOR_RGB2BGR))
         paths.append(p)
     return paths
-
-
-def decode(rle: dict) -> np.ndarray:
-    h, w = rle["size"]
-    flat = np.zeros(h * w, bool)
-    pos, value = 0, False
-    for run in rle["counts"]:
-        flat[pos:pos + run] = value
-        pos, value = pos + run, not value
-    return flat.reshape((w, h)).T
 
 
 def make_annotator(ckpt, images, out, **kwargs) -> Annotator:
@@ -71,7 +61,7 @@ def test_rle_counts_round_trip():
     m = np.zeros((5, 7), bool)
     m[1:4, 2:6] = True
     m[0, 0] = True
-    assert (decode({"size": [5, 7], "counts": rle_counts(m)}) == m).all()
+    assert (rle_mask({"size": [5, 7], "counts": rle_counts(m)}) == m).all()
     assert rle_counts(np.ones((2, 2), bool)) == [0, 4]
 
 
@@ -84,11 +74,11 @@ def test_a_full_session_writes_coco_that_pycocotools_reads_back(client):
     r2 = client.post("/api/click", json={"x": 5, "y": 5, "positive": False}).json()
     assert r2["clicks"] == 2 and r2["latency_ms"] > 0
     back = client.post("/api/undo").json()
-    assert back["clicks"] == 1 and (decode(back["mask"]) == decode(r1["mask"])).all()
+    assert back["clicks"] == 1 and (rle_mask(back["mask"]) == rle_mask(r1["mask"])).all()
     r3 = client.post("/api/click", json={"x": 40, "y": 30, "positive": True}).json()
     png = cv2.imdecode(np.frombuffer(client.get("/api/mask.png").content, np.uint8), cv2.IMREAD_GRAYSCALE)
-    assert ((png > 0) == decode(r3["mask"])).all()
-    shown = decode(r3["mask"])
+    assert ((png > 0) == rle_mask(r3["mask"])).all()
+    shown = rle_mask(r3["mask"])
     assert shown.any()
     done = client.post("/api/accept").json()
     assert done["image_id"] == 1 and done["next"] == 2 and done["done"] == 1
@@ -113,7 +103,7 @@ def test_restarting_on_the_same_output_resumes(client):
 
     client.post("/api/open", json={"image": 0})
     for x, y in [(32, 32), (30, 34), (34, 30)]:
-        mask = decode(client.post("/api/click", json={"x": x, "y": y, "positive": True}).json()["mask"])
+        mask = rle_mask(client.post("/api/click", json={"x": x, "y": y, "positive": True}).json()["mask"])
     assert mask.any()
     client.post("/api/accept")
     again = Annotator(str(client.ckpt), str(client.tmp / "images"), str(client.tmp / "out" / "coco.json"))
