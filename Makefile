@@ -71,9 +71,9 @@ evolve-init: $(STAMP) ## train (or resume) paper B's initial model: three-click 
 evolve: evolve-init ## life-long evolution through STAGES (default fundus,rooftop) with clicks only -> runs/evolve/
 	$(PY) -m lightning_app evolve --config configs/evolve.yaml --init_ckpt $(EVOLVE_CKPT) $(EVOLVE_STAGES) $(ARGS)
 
-evolve-ablation: evolve-init ## paper B's Tables 3-5 and the upper bound, one stage on fundus each -> runs/evolve_ablation/
+evolve-ablation: evolve-init ## paper B's Tables 3-5 and the upper bound, one stage on fundus each, 3-click mIoU (the tables' metric) -> runs/evolve_ablation/
 	for v in st st_ipt st_fa st_ipt_fa upper table5_global_pixel table5_pixel; do \
-	  $(PY) -m lightning_app evolve --config configs/evolve.yaml --config configs/evolve/$$v.yaml --init_ckpt $(EVOLVE_CKPT) --stages [fundus] $(ARGS) || exit 1; \
+	  $(PY) -m lightning_app evolve --config configs/evolve.yaml --config configs/evolve/$$v.yaml --init_ckpt $(EVOLVE_CKPT) --stages [fundus] --max_clicks 3 $(ARGS) || exit 1; \
 	done
 
 app: $(STAMP) ## annotate IMAGES (default: embedded target images) in the browser; the model learns as you click -> ANNOTATIONS

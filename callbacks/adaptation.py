@@ -5,7 +5,8 @@ module's ``adapter``; this callback builds that adapter when testing starts (on 
 with the gradient averaging SA's ``synchronize`` asks for) and removes it afterwards.
 
 A variant (``configs/adapt/<name>.yaml``) holds ``image:`` (IA's settings) and/or ``sequence:``
-(SA's), or ``random_walker:`` (a classical baseline instead of the network); a value that is a
+(SA's), ``zoom_in:`` (RITM's zoom-in at inference, ``modules.session.ZoomIn``; usable with any of
+them), or ``random_walker:`` (a classical baseline instead of the network); a value that is a
 string takes that part from another variant, so IA+SA restates nothing::
 
     image: ia          # configs/adapt/ia.yaml's image settings
@@ -24,8 +25,9 @@ import yaml
 from modules.adaptation import Adapter, ImageAdaptation, SequenceAdaptation, settings
 from modules.classical import RandomWalker
 from modules.errors import UserError
+from modules.session import ZoomIn
 
-PARTS = {"image": ImageAdaptation, "sequence": SequenceAdaptation, "random_walker": RandomWalker}
+PARTS = {"image": ImageAdaptation, "sequence": SequenceAdaptation, "zoom_in": ZoomIn, "random_walker": RandomWalker}
 
 
 def average_across_ranks(tensors) -> None:
@@ -50,19 +52,21 @@ class TestTimeAdaptation(pl.Callback):
     Args:
         image: image adaptation's settings (``modules.adaptation.ImageAdaptation``), or none.
         sequence: sequence adaptation's settings (``modules.adaptation.SequenceAdaptation``), or none.
+        zoom_in: RITM's zoom-in at inference (``modules.session.ZoomIn``), or none.
     """
 
-    def __init__(self, image: ImageAdaptation | None = None, sequence: SequenceAdaptation | None = None):
-        self.image, self.sequence = image, sequence
+    def __init__(self, image: ImageAdaptation | None = None, sequence: SequenceAdaptation | None = None,
+                 zoom_in: ZoomIn | None = None):
+        self.image, self.sequence, self.zoom_in = image, sequence, zoom_in
         self.adapter: Adapter | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.adapter = Adapter(pl_module, self.image, self.sequence, pl_module.mas_importance, rank=trainer.global_rank,
                                reduce_gradients=average_across_ranks)
-        pl_module.adapter = self.adapter
+        pl_module.adapter, pl_module.zoom_in = self.adapter, self.zoom_in
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.adapter = None
+        pl_module.adapter = pl_module.zoom_in = None
 
 
 class ClassicalBaseline(pl.Callback):
@@ -132,6 +136,6 @@ def variant_callback(variant: str | dict[str, Any], adapt_dir: str | Path) -> Te
     built = {part: settings(PARTS[part], values, f"variant '{name}': {part}") for part, values in parts.items()}
     if "random_walker" in built:
         if len(built) > 1:
-            raise UserError(f"variant '{name}': a classical method does not adapt (no image/sequence with it)")
+            raise UserError(f"variant '{name}': a classical method does not adapt or zoom (no image/sequence/zoom_in with it)")
         return ClassicalBaseline(built["random_walker"])
     return TestTimeAdaptation(**built)

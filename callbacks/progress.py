@@ -23,22 +23,28 @@ class ProgressLog(pl.Callback):
     def _active(self, trainer: pl.Trainer) -> bool:
         return trainer.is_global_zero and (self.force or not sys.stdout.isatty())
 
+    @staticmethod
+    def _total(trainer: pl.Trainer) -> float:
+        """The run's last step: ``max_steps``, or what ``max_epochs`` amounts to."""
+        return trainer.max_steps if trainer.max_steps > 0 else float(trainer.estimated_stepping_batches)
+
     def on_train_start(self, trainer, pl_module) -> None:
-        self.start_time, self.start_step, self.last = time.monotonic(), trainer.global_step, 0.0
+        self.start_time, self.start_step, self.last = time.monotonic(), trainer.global_step, float("-inf")
         if self._active(trainer):
-            print(f"training from step {trainer.global_step} to {trainer.max_steps}", flush=True)
+            print(f"training from step {trainer.global_step} to {self._total(trainer):.0f}", flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.monotonic()
-        if self._active(trainer) and (now - self.last >= self.every or trainer.global_step >= trainer.max_steps):
+        total = self._total(trainer)
+        if self._active(trainer) and (now - self.last >= self.every or trainer.global_step >= total):
             self.last = now
             done = trainer.global_step - self.start_step
             rate = done / max(now - self.start_time, 1e-9)
-            left = (trainer.max_steps - trainer.global_step) / rate if rate > 0 and trainer.max_steps > 0 else float("nan")
+            left = (total - trainer.global_step) / rate if rate > 0 else float("nan")
             metrics = trainer.callback_metrics
-            shown = " · ".join(f"{k} {float(metrics[k]):.3f}" for k in ("train/loss", "train/iou_step", "val/iou")
-                               if k in metrics)
-            print(f"step {trainer.global_step}/{trainer.max_steps} · {shown} · {rate:.2f} steps/s · "
+            shown = " · ".join(f"{k} {float(metrics[k]):.3f}" for k in ("train/loss", "train/iou_step", "val/iou",
+                                                                        "evolve/loss") if k in metrics)
+            print(f"step {trainer.global_step}/{total:.0f} · {shown} · {rate:.2f} steps/s · "
                   f"{left / 60:.1f} min left", flush=True)
 
 

@@ -174,7 +174,7 @@ def run_evolution(
     ipt_options: dict[str, Any] = {},  # noqa: B006
     ipt_table: bool = False,
     feature_alignment: bool = True,
-    alignment_features: Literal["deep", "decoder"] = "deep",
+    alignment_features: Literal["deep_unit", "deep", "decoder"] = "deep_unit",
     alignment_weight: float = 1.0,
     max_squares_weight: float = 1.0,
     unknown_terms: list[str] = ["global"],  # noqa: B006
@@ -214,7 +214,8 @@ def run_evolution(
         ipt_options: overrides of ``modules.pseudo.PseudoLabelling`` (m, n, window, ...).
         ipt_table: also measure the pseudo masks of every row of paper B's Table 3.
         feature_alignment: feature-alignment and maximum-squares losses (else self-training).
-        alignment_features: ``deep`` (the backbone's, the paper) or ``decoder`` features.
+        alignment_features: the backbone's deepest features (the paper's), unit-normalised per
+            pixel (``deep_unit``) or raw (``deep``), or the ``decoder``'s.
         alignment_weight: weight of Eq. 7/8.
         max_squares_weight: weight of Eq. 9/10.
         unknown_terms: Eq. 8's terms for unknown classes (Table 5): global, pixel.

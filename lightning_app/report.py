@@ -238,8 +238,9 @@ def evolution_markdown(results: dict) -> str:
     for model in table:
         lines.append(f"| {model} | " + " | ".join(_cell_text(cells[(model, d)]) if (model, d) in cells else ""
                                                 for d in datasets) + " |")
-    thresholds = [threshold_key(t) for t in results.get("protocol", {}).get("iou_thresholds", [])]
-    if thresholds:
+    protocol = results.get("protocol", {})
+    thresholds = [threshold_key(t) for t in protocol.get("iou_thresholds", [])]
+    if thresholds and protocol.get("max_clicks", 20) > 3:  # three clicks only (the ablations): no NoC to speak of
         lines += ["", "| model after stage | " + " | ".join(f"{d} NoC@{'/'.join(thresholds)}" for d in datasets) + " |",
                   "|---|" + "---|" * len(datasets)]
         for model, row in table.items():

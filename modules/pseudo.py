@@ -67,9 +67,7 @@ def pseudo_label(model, image: torch.Tensor, clicks: list[Click], known_classes:
     hw = tuple(image.shape[-2:])
     y0, y1, x0, x1 = click_window([(c.y, c.x) for c in clicks], hw, options.context) if options.window else (0, hw[0], 0, hw[1])
     crop = image[..., y0:y1, x0:x1]
-    full_net = network_size(hw, model.hparams.eval_max_side)
-    zoom = max(full_net) / max(y1 - y0, x1 - x0) if options.window else 1.0
-    net_hw = network_size((round((y1 - y0) * zoom), round((x1 - x0) * zoom)), max(full_net))
+    net_hw = network_size((y1 - y0, x1 - x0), max(network_size(hw, model.hparams.eval_max_side)), upscale=options.window)
     net_image = F.interpolate(crop, size=net_hw, mode="bilinear", align_corners=False)
     local = [Click(c.y - y0, c.x - x0, c.positive) for c in clicks]
     net_clicks = scale_clicks(clicks_to_tensor(local)[None].to(image.device), (y1 - y0, x1 - x0), net_hw)

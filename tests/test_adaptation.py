@@ -257,6 +257,28 @@ def test_variants_compose_without_restating(tmp_path):
     (tmp_path / "loop.yaml").write_text("image: loop\n")
     with pytest.raises(UserError, match="refers to itself"):
         variant_callback("loop", tmp_path)
+    zoomed = variant_callback({"name": "ia_zoom", "image": "ia", "zoom_in": {"min_crop_size": 64}}, adapt)
+    assert zoomed.zoom_in.min_crop_size == 64 and zoomed.image == inline.image
+    with pytest.raises(UserError, match="zoom"):
+        variant_callback({"name": "rw_zoom", "random_walker": "random_walker", "zoom_in": {}}, adapt)
+
+
+def test_ia_with_zoom_in_adapts_in_the_crop_and_undo_replays_it():
+    from modules.session import ZoomIn
+
+    m = small_module(prev_mask=True)
+    m.adapter, m.zoom_in = Adapter(m, ImageAdaptation(steps=2, lr=1e-3, gamma=0.0)), ZoomIn(skip_clicks=1, min_crop_size=24)
+    one = m.session(IMAGE)
+    one.click(CLICKS[0])
+    with torch.no_grad():  # a small predicted object, so that the next click zooms in
+        one.history[-1] = torch.zeros_like(one.history[-1])
+        one.history[-1][..., 16:28, 16:28] = 1.0
+    one.click(CLICKS[1])
+    assert one.view != one.whole
+    w2 = weights(m)
+    one.click(CLICKS[2])
+    one.undo()  # the weights the first two clicks lead to, each replayed in its own view
+    assert same(w2, weights(m)) and one.view == one.views[-1]
 
 
 def test_benchmark_adaptation_changes_the_ious_and_paper_presets_run(tiny_ckpt_with_importance, tmp_path):

@@ -54,3 +54,50 @@ def test_network_size_and_poly_schedule():
     assert network_size((10, 10), 512) == (32, 32)
     assert poly_lr_factor(0, 100, 0.9) == 1.0 and poly_lr_factor(100, 100, 0.9) == 0.0
     assert 0 < poly_lr_factor(50, 100, 0.9) < 1
+
+
+def test_object_roi_grows_the_object_box_inside_the_image():
+    import numpy as np
+
+    from modules.clicks import Click
+    from modules.session import box_iou, object_roi
+
+    mask = np.zeros((100, 200), bool)
+    mask[40:60, 90:110] = True  # 20 x 20 object
+    assert object_roi(mask, [], 1.5, 10) == (35, 65, 85, 115)
+    assert object_roi(mask, [], 1.0, 50) == (25, 75, 75, 125)  # at least min_crop_size a side
+    assert object_roi(mask, [Click(90, 100, True), Click(0, 0, False)], 1.0, 1)[:2] == (40, 91)  # positive clicks count
+    assert object_roi(mask, [], 1.0, 300) == (0, 100, 0, 200)  # never outside the image
+    assert object_roi(np.zeros((10, 10), bool), [], 1.4, 4) == (0, 10, 0, 10)  # nothing predicted: the whole image
+    assert object_roi(mask, [], 1.0, 30)[2:] == (85, 115)
+    assert box_iou((0, 10, 0, 10), (0, 10, 5, 15)) == pytest.approx(50 / 150)
+
+
+def test_zoom_in_session_crops_around_the_object_and_pastes_back():
+    from modules.clicks import Click
+    from modules.session import ZoomIn
+
+    m = InteractiveSegmentationModule(aspp_channels=16, decoder_channels=16, eval_max_side=64, prev_mask=True).eval()
+    image = torch.rand(1, 3, 120, 160)
+    plain = m.session(image)
+    session = m.session(image)
+    session.zoom_in = ZoomIn(skip_clicks=1, min_crop_size=40)
+    for s in (plain, session):
+        s.click(Click(60, 80, True))
+    assert session.view == session.whole and session.net_hw == plain.net_hw  # the first click sees the whole image
+    with torch.no_grad():  # a prediction that covers a small box: the crop follows it
+        session.history[-1] = torch.zeros_like(session.history[-1])
+        session.history[-1][..., 10:22, 16:32] = 1.0
+    prob = session.click(Click(30, 50, False))
+    y0, y1, x0, x1 = session.view
+    assert session.view != session.whole and y1 - y0 >= 40 and x1 - x0 >= 40
+    assert max(session.net_hw) == 64 and session.net_hw[0] % 32 == 0  # the crop at the network's full size
+    assert prob.shape == (120, 160) and (prob[:y0] == 0).all() and (prob[:, x1:] == 0).all()  # background outside
+    prev = session._prev_input()  # the previous mask, seen in the crop
+    assert prev.shape[-2:] == session.net_hw and prev.max() > 0.5
+    c = session.net_clicks()[0]  # clicks in the crop's network coordinates
+    assert c[1, 0] == pytest.approx((30 - y0 + 0.5) * session.net_hw[0] / (y1 - y0) - 0.5)
+    back = session.undo()
+    assert session.view == session.whole and back.shape == (120, 160) and len(session.clicks) == 1
+    with pytest.raises(UserError, match="zoom_in"):
+        ZoomIn(expansion_ratio=0.5)
