@@ -66,7 +66,7 @@ benchmark-real: $(STAMP) ## random walker, fixed and every adaptation variant on
 	$(PY) -m lightning_app benchmark --config configs/benchmark_real.yaml --ckpt $(BSDS_CKPT) $(ARGS)
 
 evolve-init: $(STAMP) ## train (or resume) paper B's initial model: three-click protocol, binary predictor, classifier -> runs/evolve_init/
-	$(PY) -m lightning_app fit --config $(EVOLVE_INIT) --ckpt_path last $(ARGS)
+	$(PY) -m lightning_app fit --config $(EVOLVE_INIT) --ckpt_path last $(if $(filter evolve-init,$(MAKECMDGOALS)),$(ARGS))
 
 evolve: evolve-init ## life-long evolution through STAGES (default fundus,rooftop) with clicks only -> runs/evolve/
 	$(PY) -m lightning_app evolve --config configs/evolve.yaml --init_ckpt $(EVOLVE_CKPT) $(EVOLVE_STAGES) $(ARGS)
