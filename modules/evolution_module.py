@@ -34,9 +34,9 @@ class EvolutionModule(pl.LightningModule):
             it the stage is plain self-training on the pseudo masks.
         alignment_features: the features Eq. 7/8 align: the backbone's deepest (the paper's),
             unit-normalised per pixel (``deep_unit``, so each squared distance lies in [0, 4]) or
-            raw (``deep``, the paper's literal: here ~100 for the global and ~1000 for the pixel term at the start of a
-            stage against a BCE of ~0.3, which wiped out the source: 3-click mIoU 77.1 -> 14.6
-            after the fundus stage), or the ``decoder``'s (stride 4).
+            raw (``deep``, the paper's literal: here ~100 for the global and ~1000 for the pixel
+            term at the start of a stage against a BCE of ~0.3, which wiped out the source:
+            3-click mIoU 77.1 -> 14.6 after the fundus stage), or the ``decoder``'s (stride 4).
         alignment_weight: weight of Eq. 7/8 in Eq. 11 (paper: 1).
         max_squares_weight: weight of Eq. 9/10 in Eq. 11 (paper: 1).
         unknown_terms: Eq. 8's terms for pairs of an unknown class (Table 5): ``global`` (the
