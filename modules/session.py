@@ -145,8 +145,7 @@ class InteractiveSession:
         if zoom is None or len(self.clicks) <= zoom.skip_clicks or not self.history:
             self._set_view(self.whole)
             return
-        roi = object_roi(self.full_resolution(self.history[-1], self.views[-1]) > 0.5, self.clicks,
-                         zoom.expansion_ratio, zoom.min_crop_size)
+        roi = object_roi(self.probability > 0.5, self.clicks, zoom.expansion_ratio, zoom.min_crop_size)
         y0, y1, x0, x1 = self.view
         outside = any(not (y0 <= c.y < y1 and x0 <= c.x < x1) for c in self.clicks[self.counts[-2] if len(self.counts) > 1 else 0:])
         if self.view == self.whole or outside or box_iou(roi, self.view) < zoom.recompute_iou:
