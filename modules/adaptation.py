@@ -176,16 +176,24 @@ class ImageAdaptation:
 @dataclass(frozen=True)
 class SequenceAdaptation:
     """SA (sec. 3.2.2): after every finished image, one Adam step on Eq. 4 with all its clicks in
-    the loss and a random ``guidance_ratio`` of them as the network's input; the weights carry
-    over to the next image.
+    the loss; the weights carry over to the next image.
+
+    What the network sees in that step (``inputs``): ``guidance`` is the paper's, a random
+    ``guidance_ratio`` of the clicks and no previous mask; ``states`` replays ``states`` of the
+    inputs the network had while the user clicked (the first click alone, then the clicks up
+    to a random later one with the mask predicted before it): a model that reads its previous
+    mask (RITM) is then adapted where it is used, on corrections, not only on first clicks.
 
     Args:
         lr: Adam learning rate (paper: 1e-6; 1e-5 for DRIONS-DB).
         lam: weight of the corrections against the final predicted mask (paper: 0.5).
         gamma: weight of the MAS penalty (paper: 2).
         parameters: which parameters adapt (see :func:`select_parameters`).
-        guidance_ratio: fraction of the clicks given as guidance (at least one).
-        seed: seed of the guidance subsampling.
+        inputs: ``guidance`` (the paper's) or ``states`` (see above).
+        guidance_ratio: fraction of the clicks given as guidance (at least one; ``guidance``).
+        states: click states replayed per step (``states``): the first, and ``states - 1`` drawn
+            among the later ones.
+        seed: seed of the guidance subsampling and the state draw.
         synchronize: under DDP, average the gradients of all ranks in every step (one sequence
             of weights learnt from every rank's images); otherwise each rank adapts along its
             own share of the sequence.
@@ -195,7 +203,9 @@ class SequenceAdaptation:
     lam: float = 0.5
     gamma: float = 2.0
     parameters: str = "all"
+    inputs: Literal["guidance", "states"] = "guidance"
     guidance_ratio: float = 0.5
+    states: int = 2
     seed: int = 0
     synchronize: bool = False
 
@@ -204,6 +214,8 @@ class SequenceAdaptation:
         _check(0 <= self.lam <= 1, f"sequence.lam={self.lam}: expected a value in [0, 1]")
         _check(self.gamma >= 0, f"sequence.gamma={self.gamma}: expected a value >= 0")
         _check(0 < self.guidance_ratio <= 1, f"sequence.guidance_ratio={self.guidance_ratio}: expected a value in (0, 1]")
+        _check(self.inputs in ("guidance", "states"), f"sequence.inputs='{self.inputs}': expected guidance or states")
+        _check(self.states >= 1, f"sequence.states={self.states}: expected at least 1")
 
 
 def settings(cls, values: dict, where: str):
@@ -325,15 +337,25 @@ class Adapter:
         sa = self.sequence
         clicks = session.net_clicks()[:, :n]
         previous = (session.probability_after(n) > 0.5).float()
-        k = max(1, int(round(sa.guidance_ratio * n)))
-        guidance = clicks[:, torch.as_tensor(np.sort(self.rng.choice(n, size=k, replace=False)))]
         self._sequence_before = snapshot(self.sa_params)
         with torch.enable_grad():
             self.sa_optimizer.zero_grad(set_to_none=True)
-            # no previous-mask input here: the network must propagate the sparse guidance by appearance
-            logits = session.logits(clicks=guidance, prev=False)
-            self._step(self.sa_optimizer, self.sa_params, adaptation_loss(logits, clicks, previous, sa.lam), sa.gamma,
+            inputs = self._sa_inputs(session, clicks, n)
+            loss = sum(adaptation_loss(session.logits(clicks=c, prev=p), clicks, previous, sa.lam) for c, p in inputs)
+            self._step(self.sa_optimizer, self.sa_params, loss / len(inputs), sa.gamma,
                        self.checkpoint, self._sequence_before, reduce=sa.synchronize)
+
+    def _sa_inputs(self, session: "InteractiveSession", clicks: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor | bool]]:
+        """(clicks, previous-mask input) pairs for SA's step on the image's first ``n`` clicks."""
+        sa = self.sequence
+        if sa.inputs == "guidance":  # no previous-mask input: the network propagates the sparse guidance by appearance
+            k = max(1, int(round(sa.guidance_ratio * n)))
+            return [(clicks[:, torch.as_tensor(np.sort(self.rng.choice(n, size=k, replace=False)))], False)]
+        calls = [i for i, c in enumerate(session.counts) if c <= n] or [0]
+        later = calls[1:]
+        drawn = sorted(self.rng.choice(later, size=min(sa.states - 1, len(later)), replace=False)) if later else []
+        return [(clicks[:, : session.counts[i]], session.probability_after(session.counts[i - 1]) if i else False)
+                for i in [calls[0], *drawn]]
 
     def recover(self) -> bool:
         """A prediction came out non-finite: undo the most recent adaptation (IA's steps for the

@@ -189,17 +189,20 @@ class InteractiveSession:
         together count as one prediction)."""
         return self._in_view(max([i for i, c in enumerate(self.counts) if c <= n], default=0))
 
-    def logits(self, clicks: torch.Tensor | None = None, prev: bool = True, cache: "Cache" = "none") -> torch.Tensor:
+    def logits(self, clicks: torch.Tensor | None = None, prev: bool | torch.Tensor = True, cache: "Cache" = "none") -> torch.Tensor:
         """Foreground logits ``(1, 1, h, w)`` at network resolution for ``clicks`` (network
-        coordinates; default all) and, with ``prev``, the previous-mask input of the latest click.
+        coordinates; default all) and, with ``prev``, the previous-mask input of the latest click
+        (or ``prev`` itself when it is a mask).
         Differentiable unless called under ``no_grad``. With ``cache``, the frozen part of the
         network (``encoder`` or everything up to the ``decoder`` features) runs once per input
         and is reused by every adaptation step."""
         model, net = self.model, self.model.net
         clicks = self.net_clicks() if clicks is None else clicks
-        prev_mask = self._prev_input() if prev else None
+        prev_mask = prev if isinstance(prev, torch.Tensor) else self._prev_input() if prev else None
         if cache == "none":
             return model(self.net_image, clicks, prev_mask)
+        if isinstance(prev, torch.Tensor):
+            raise ValueError("a cached prediction takes the latest click's previous mask, not an explicit one")
         key = (cache, self.view, clicks.cpu().numpy().tobytes(), None if prev_mask is None else id(self.history[len(self.counts) - 2]))
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():

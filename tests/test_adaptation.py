@@ -167,6 +167,27 @@ def test_ia_sa_restores_the_image_start_before_the_sa_step():
     assert 0 < largest_change(start, after) <= 1.01e-4
 
 
+def test_sa_states_replays_the_inputs_the_network_had():
+    """``inputs: states``: the first click alone (no previous mask), then a later click state
+    with the mask predicted before it; only the clicks until ``upto`` count."""
+    m = small_module(prev_mask=True)
+    adapter = Adapter(m, sequence=SequenceAdaptation(inputs="states", states=3, lr=1e-3, gamma=0.0))
+    m.adapter = adapter
+    session = m.session(IMAGE)
+    for c in [*CLICKS, Click(30, 30, True)]:
+        session.click(c)
+    clicks = session.net_clicks()[:, :3]
+    inputs = adapter._sa_inputs(session, clicks, 3)
+    assert len(inputs) == 3 and inputs[0][1] is False and inputs[0][0].shape[1] == 1
+    for (c, prev), i in zip(inputs[1:], (1, 2)):
+        assert c.shape[1] == i + 1 and torch.equal(prev, session.history[i - 1])
+    start = weights(m)
+    session.finish(upto=3)
+    assert not same(start, weights(m)), "SA must change the weights"
+    with pytest.raises(UserError, match="sequence.inputs='everything'"):
+        SequenceAdaptation(inputs="everything")
+
+
 def test_undo_gives_the_weights_of_the_remaining_clicks():
     m = small_module(prev_mask=True)
     start = weights(m)
