@@ -153,6 +153,7 @@ def run_benchmark(
                 results["results"].setdefault(ds.name, {})[name] = entry
                 results["objects"].setdefault(ds.name, {})[name] = {"names": [r.name for r in records],
                                                                     "ious": [[round(float(v), 5) for v in r.ious] for r in records]}
+                _in_order(results, names)
                 report.write_results(out, results)
                 t = report.headline_threshold(protocol, ds.name)
                 print(f"{name} · {ds.name}: {entry['n_objects']} objects, NoC@{t} {entry['noc'][t]:.2f} "
@@ -166,6 +167,13 @@ def run_benchmark(
             report.print_table(results)
             print(f"results: {out / report.RESULTS}  also: {', '.join(str(f) for f in files)}")
     return results
+
+
+def _in_order(results: dict, names: list[str]) -> None:
+    """Each dataset's variants in the config's order (a variant re-run alone keeps its row)."""
+    for key in ("results", "objects"):
+        for ds, variants in results[key].items():
+            results[key][ds] = dict(sorted(variants.items(), key=lambda kv: names.index(kv[0]) if kv[0] in names else len(names)))
 
 
 @contextmanager

@@ -180,9 +180,10 @@ class SequenceAdaptation:
 
     What the network sees in that step (``inputs``): ``guidance`` is the paper's, a random
     ``guidance_ratio`` of the clicks and no previous mask; ``states`` replays ``states`` of the
-    inputs the network had while the user clicked (the first click alone, then the clicks up
-    to a random later one with the mask predicted before it): a model that reads its previous
-    mask (RITM) is then adapted where it is used, on corrections, not only on first clicks.
+    inputs the network had while the user clicked (the first click alone, then ``states - 1``
+    later click states drawn at random, each with the mask predicted before it): a model that
+    reads its previous mask (RITM) is then adapted where it is used, on corrections, not only
+    on first clicks.
 
     Args:
         lr: Adam learning rate (paper: 1e-6; 1e-5 for DRIONS-DB).

@@ -78,6 +78,14 @@ def test_benchmark_writes_results_and_resumes(tiny_ckpt, tmp_path, capsys):
     assert "NoC@70" in capsys.readouterr().out and "NoC@70" in (out / "results.md").read_text()
 
 
+def test_variants_keep_the_configs_order_when_one_is_rerun():
+    from lightning_app.benchmark import _in_order
+    results = {"results": {"fundus": {"fixed": 1, "ia_sa": 2, "sa": 3}}, "objects": {"fundus": {"sa": 3, "fixed": 1, "old": 0}}}
+    _in_order(results, ["fixed", "sa", "ia_sa"])
+    assert list(results["results"]["fundus"]) == ["fixed", "sa", "ia_sa"]
+    assert list(results["objects"]["fundus"]) == ["fixed", "sa", "old"]
+
+
 def test_a_second_benchmark_on_the_same_folder_is_refused(tiny_ckpt, tmp_path):
     from lightning_app.benchmark import locked
 
