@@ -55,6 +55,14 @@ def scale_clicks(clicks: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[in
     return out
 
 
+def clicks_in_view(clicks: Sequence[Click], view: tuple[int, int, int, int], net_hw: tuple[int, int]) -> torch.Tensor:
+    """Clicks as a ``(1, N, 3)`` tensor in the coordinates of the crop ``view``
+    ``(y0, y1, x0, x1)`` of an image, resized to ``net_hw`` (what the network sees of it)."""
+    y0, y1, x0, x1 = view
+    local = [Click(c.y - y0, c.x - x0, c.positive) for c in clicks]
+    return scale_clicks(clicks_to_tensor(local)[None], (y1 - y0, x1 - x0), net_hw)
+
+
 def encode_clicks(
     clicks: torch.Tensor, hw: tuple[int, int], radius: float = 3.0, mode: ClickEncoding = "disk"
 ) -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules.clicks import Click, clicks_to_tensor, scale_clicks
+from modules.clicks import Click, clicks_in_view
 from modules.evolution import known_class
 from modules.ipt import IPT_COMPONENTS, click_window, refine_pseudo_mask
 from modules.session import network_size
@@ -69,8 +69,7 @@ def pseudo_label(model, image: torch.Tensor, clicks: list[Click], known_classes:
     crop = image[..., y0:y1, x0:x1]
     net_hw = network_size((y1 - y0, x1 - x0), max(network_size(hw, model.hparams.eval_max_side)), upscale=options.window)
     net_image = F.interpolate(crop, size=net_hw, mode="bilinear", align_corners=False)
-    local = [Click(c.y - y0, c.x - x0, c.positive) for c in clicks]
-    net_clicks = scale_clicks(clicks_to_tensor(local)[None].to(image.device), (y1 - y0, x1 - x0), net_hw)
+    net_clicks = clicks_in_view(clicks, (y0, y1, x0, x1), net_hw).to(image.device)
     out = model.outputs(net_image, net_clicks)
     probability = out["logits"].sigmoid()[0, 0].cpu().numpy()
     coarse = probability > 0.5

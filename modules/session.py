@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules.clicks import Click, clicks_to_tensor, scale_clicks
+from modules.clicks import Click, clicks_in_view
 from modules.errors import UserError
 
 if TYPE_CHECKING:
@@ -162,11 +162,7 @@ class InteractiveSession:
     # -- what the network and the adaptation read ------------------------------------------------
     def net_clicks(self, clicks: list[Click] | None = None) -> torch.Tensor:
         """Clicks (default: all so far) as a ``(1, N, 3)`` tensor in network coordinates of the view."""
-        clicks = self.clicks if clicks is None else clicks
-        y0, y1, x0, x1 = self.view
-        if (y0, x0) != (0, 0):
-            clicks = [Click(c.y - y0, c.x - x0, c.positive) for c in clicks]
-        return scale_clicks(clicks_to_tensor(clicks)[None].to(self.net_image.device), (y1 - y0, x1 - x0), self.net_hw)
+        return clicks_in_view(self.clicks if clicks is None else clicks, self.view, self.net_hw).to(self.net_image.device)
 
     def _prev_input(self) -> torch.Tensor | None:
         """The previous-mask input of the latest click's prediction: the prediction before it

@@ -1,6 +1,6 @@
 import torch
 
-from modules.clicks import Click, clicks_to_rows, clicks_to_tensor, encode_clicks, rows_to_clicks, scale_clicks
+from modules.clicks import Click, clicks_in_view, clicks_to_rows, clicks_to_tensor, encode_clicks, rows_to_clicks, scale_clicks
 
 
 def test_roundtrip_and_padding():
@@ -51,3 +51,10 @@ def test_scale_clicks_keeps_pixel_centres():
     s = scale_clicks(t, (100, 50), (200, 100))
     assert torch.allclose(s[:, :2], torch.tensor([[0.5, 0.5], [198.5, 98.5]]))
     assert torch.equal(s[:, 2], t[:, 2])
+
+
+def test_clicks_in_view_are_relative_to_the_crop_and_its_network_size():
+    s = clicks_in_view([Click(20, 30, True), Click(69, 79, False)], (20, 70, 30, 80), (100, 100))
+    assert s.shape == (1, 2, 3)
+    assert torch.allclose(s[0, :, :2], torch.tensor([[0.5, 0.5], [98.5, 98.5]]))
+    assert s[0, :, 2].tolist() == [1.0, -1.0]
