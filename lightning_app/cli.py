@@ -20,7 +20,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")  # no network here; `wandb sync` later
 os.environ.setdefault("WANDB_SILENT", "true")  # one line from us, not wandb's banner per run
 warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|predict_dataloader|"
-                                          r"`training_step` returns `None`|deterministic).*")
+                                          r"`training_step` returns `None`|deterministic|"
+                                          r"Checkpoint directory .* exists and is not empty).*")  # we resume there
 
 from jsonargparse import ActionConfigFile, ArgumentParser  # noqa: E402
 from pytorch_lightning.cli import LightningCLI  # noqa: E402

@@ -79,6 +79,16 @@ def replay_weight(progress: float, final: float = 0.1) -> float:
     return 1.0 - (1.0 - final) * min(max(progress, 0.0), 1.0)
 
 
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Every normalisation layer of ``model`` in eval mode: it normalises with the running
+    statistics of the data it was trained on and stops updating them (its affine parameters still
+    train). Without this, a stage's batches move the statistics towards the new domain, and the
+    earlier data are normalised with a mix at test time."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            m.eval()
+
+
 def expand_classifier(classifier: nn.Linear) -> nn.Linear:
     """``n`` -> ``n + 1`` outputs: the first ``n`` copied, the extra "unknown" one freshly
     initialised (sec. 3.3)."""

@@ -16,11 +16,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from modules.evolution import (expand_classifier, feature_alignment_loss, feature_alignment_terms, max_squares_loss,
-                               replay_weight)
+from modules.evolution import (expand_classifier, feature_alignment_loss, feature_alignment_terms,
+                               freeze_norm_statistics, max_squares_loss, replay_weight)
 from modules.interactive import InteractiveSegmentationModule, aux_losses, poly_lr_factor
 from modules.io import atomic_write
-from modules.losses import masked_bce
 
 
 class EvolutionModule(pl.LightningModule):
@@ -48,13 +47,15 @@ class EvolutionModule(pl.LightningModule):
         weight_decay: SGD weight decay.
         poly_power: power of the learning-rate decay.
         replay_final_weight: the earlier data's loss weight decays linearly to this.
+        freeze_norm: keep the normalisation statistics of the previous model through the stage
+            (``modules.evolution.freeze_norm_statistics``; the paper updates them).
     """
 
     def __init__(self, model: dict, known_classes: int, feature_alignment: bool = True,
                  alignment_features: str = "deep_unit", alignment_weight: float = 1.0, max_squares_weight: float = 1.0,
                  unknown_terms: tuple[str, ...] = ("global",), corrective_clicks: bool = True, lr: float = 0.002,
                  momentum: float = 0.9, weight_decay: float = 5e-4, poly_power: float = 0.9,
-                 replay_final_weight: float = 0.1):
+                 replay_final_weight: float = 0.1, freeze_norm: bool = False):
         super().__init__()
         self.save_hyperparameters()
         if alignment_features not in ("deep_unit", "deep", "decoder"):
@@ -87,13 +88,18 @@ class EvolutionModule(pl.LightningModule):
         rng = np.random.default_rng([torch.initial_seed(), self.global_step])  # the step's jitter and clicks
         both = {k: torch.cat([a[k], b[k]]) for k in ("image", "mask", "ignore", "clicks")}
         clicks, prev = model.iterative_clicks(both, model.initial_clicks(both, rng), rng, late=h.corrective_clicks)
+        if h.freeze_norm:  # after iterative_clicks, which puts the model back in training mode
+            freeze_norm_statistics(model)
         out = model.outputs(both["image"], clicks, prev)  # one batch: normalisation sees both domains
         split = lambda t: (t[:n], t[n:])  # noqa: E731
         (logits_a, logits_b), (valid_a, valid_b) = split(out["logits"]), split(~both["ignore"])
         heads_a = {"binary": out["binary"][:n], "classes": out["classes"][:n]}
         heads_b = {"binary": out["binary"][n:], "classes": out["classes"][n:]}
-        loss_a = masked_bce(logits_a, a["mask"], valid_a) + sum(aux_losses(heads_a, a["mask"], valid_a, a["class_id"]).values())
-        loss_b = masked_bce(logits_b, b["mask"], valid_b) + aux_losses(heads_b, b["mask"], valid_b, b["class_id"])["binary_bce"]
+        clicks_a, clicks_b = split(clicks)  # the model's own mask loss on both (the one it was trained with)
+        loss_a = model.mask_loss(logits_a, a["mask"], valid_a, clicks_a) + \
+            sum(aux_losses(heads_a, a["mask"], valid_a, a["class_id"]).values())
+        loss_b = model.mask_loss(logits_b, b["mask"], valid_b, clicks_b) + \
+            aux_losses(heads_b, b["mask"], valid_b, b["class_id"])["binary_bce"]
         weight = replay_weight(self._progress(), h.replay_final_weight)
         loss = weight * loss_a + loss_b
         logs = {"loss_a": loss_a, "loss_b": loss_b, "replay_weight": weight}

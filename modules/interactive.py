@@ -227,15 +227,20 @@ class InteractiveSegmentationModule(pl.LightningModule):
         self.train(was_training)
         return clicks, prev
 
+    def mask_loss(self, logits: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
+        """The model's training loss on its mask: BCE over the valid pixels, weighted up within
+        ``click_loss_radius`` of the clicks by ``click_loss_weight``."""
+        h = self.hparams
+        weight = near_click_weights(clicks, logits.shape[-2:], h.click_loss_radius, h.click_loss_weight) \
+            if h.click_loss_weight > 0 else None
+        return masked_bce(logits, mask, valid, weight)
+
     def _step(self, batch: dict, clicks: torch.Tensor, prev: torch.Tensor | None, metric: BinaryJaccardIndex,
               stage: str) -> torch.Tensor:
         out = self.outputs(batch["image"], clicks, prev)
         logits = out["logits"]
         valid = ~batch["ignore"]
-        h = self.hparams
-        weight = near_click_weights(clicks, logits.shape[-2:], h.click_loss_radius, h.click_loss_weight) \
-            if h.click_loss_weight > 0 else None
-        loss = masked_bce(logits, batch["mask"], valid, weight)
+        loss = self.mask_loss(logits, batch["mask"], valid, clicks)
         if self.hparams.num_classes > 0:
             aux = aux_losses(out, batch["mask"], valid, batch["class_id"])
             for name, value in aux.items():

@@ -243,9 +243,15 @@ def test_a_stage_never_reads_its_datasets_masks(evolve_init_ckpt, tmp_path, monk
     i = args.index("--catalog")
     args[i + 1] = ("{fundus: {train: {dataset: guarded, domain: fundus, length: 12, seed: 5, size: 64}, "
                    f"test: {synthetic('fundus', 3, 2)}}}}}")
-    assert main(args + ["--measure_pseudo_masks", "false"]) == 0
+    assert main(args + ["--measure_pseudo_masks", "false", "--freeze_norm", "true"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["table"]) == {"init", "+fundus"}
+    # freeze_norm: the stage trained the weights but kept the initial model's normalisation statistics
+    init, evolved = (torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
+                     for p in (evolve_init_ckpt, tmp_path / "stage1_fundus" / "model.ckpt"))
+    stats = [k for k in init if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(init[k], evolved[k]) for k in stats)
+    assert any(not torch.equal(init[k], evolved[k]) for k in init if k.endswith("weight") and init[k].dim() == 4)
 
 
 @pytest.mark.slow
