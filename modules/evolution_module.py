@@ -48,7 +48,8 @@ class EvolutionModule(pl.LightningModule):
         poly_power: power of the learning-rate decay.
         replay_final_weight: the earlier data's loss weight decays linearly to this.
         freeze_norm: keep the normalisation statistics of the previous model through the stage
-            (``modules.evolution.freeze_norm_statistics``; the paper updates them).
+            (``modules.evolution.freeze_norm_statistics``); off, they follow the stage's batches
+            as in any training.
     """
 
     def __init__(self, model: dict, known_classes: int, feature_alignment: bool = True,
