@@ -3,8 +3,9 @@
 It trains an :class:`InteractiveSegmentationModule` (the ``model``, from the previous stage's
 weights) on pairs: an object of the new dataset with its pseudo mask (``b``) and an object of
 the earlier data (``a``). Both go through the network in one batch, so that normalisation sees
-both domains together as at test time. The losses are ``modules.evolution``'s; this class only
-wires them, and logs every term's magnitude at every step.
+both domains together as at test time. The mask loss of both objects is the model's own
+(``InteractiveSegmentationModule.mask_loss``, the one it was trained with), the other terms are
+``modules.evolution``'s; this class only wires them, and logs every term's magnitude at every step.
 """
 from __future__ import annotations
 
