@@ -183,6 +183,7 @@ def run_evolution(
     batch_size: int = 8,
     lr: float = 0.002,
     replay_final_weight: float = 0.1,
+    warmup: float = 0.0,
     freeze_norm: bool = False,
     crop_size: int = 128,
     train_max_side: int | None = None,
@@ -225,6 +226,7 @@ def run_evolution(
         batch_size: pairs per step.
         lr: SGD learning rate of the stages.
         replay_final_weight: the earlier data's loss weight decays linearly to this.
+        warmup: share of each stage's steps with a linear learning-rate warm-up.
         freeze_norm: keep the previous model's normalisation statistics through each stage.
         crop_size: training crop side.
         train_max_side: long side photos are brought to before cropping (``None``: as drawn).
@@ -264,7 +266,7 @@ def run_evolution(
               "alignment_features": alignment_features, "alignment_weight": alignment_weight,
               "max_squares_weight": max_squares_weight, "unknown_terms": list(unknown_terms),
               "corrective_clicks": corrective_clicks, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-              "replay_final_weight": replay_final_weight, "freeze_norm": freeze_norm, "crop_size": crop_size, "seed": seed}
+              "replay_final_weight": replay_final_weight, "warmup": warmup, "freeze_norm": freeze_norm, "crop_size": crop_size, "seed": seed}
     init_key = {"checkpoint": str(init_ckpt), "sha256_16": file_digest(init_ckpt), "source_replay": source_replay}
     method, init_key = (json.loads(json.dumps(d, default=str)) for d in (method, init_key))  # as results.json holds them
     results = report.read_results(out) or {}
@@ -310,7 +312,7 @@ def run_evolution(
                 load_module(previous), known, feature_alignment=feature_alignment, alignment_features=alignment_features,
                 alignment_weight=alignment_weight, max_squares_weight=max_squares_weight,
                 unknown_terms=tuple(unknown_terms), corrective_clicks=corrective_clicks, lr=lr,
-                replay_final_weight=replay_final_weight, freeze_norm=freeze_norm)
+                replay_final_weight=replay_final_weight, warmup=warmup, freeze_norm=freeze_norm)
             view = lambda s: TrainObjects(s, crop_size, max_positive=1, max_negative=0, click_capacity=16,  # noqa: E731
                                           max_side=train_max_side)  # the three clicks are placed in the step
             pairs = PairedObjects(view(new), [new.class_of(i) for i in range(len(new))], view(Concat(earlier)))

@@ -89,13 +89,18 @@ def freeze_norm_statistics(model: nn.Module) -> None:
             m.eval()
 
 
-def expand_classifier(classifier: nn.Linear) -> nn.Linear:
+def expand_classifier(classifier: nn.Linear, seed: int = 0) -> nn.Linear:
     """``n`` -> ``n + 1`` outputs: the first ``n`` copied, the extra "unknown" one freshly
-    initialised (sec. 3.3)."""
-    grown = nn.Linear(classifier.in_features, classifier.out_features + 1)
+    initialised (sec. 3.3) as ``nn.Linear`` does, U(-1/sqrt(in), 1/sqrt(in)), from ``seed``:
+    the global generator would make the stage differ from run to run."""
+    grown = nn.Linear(classifier.in_features, classifier.out_features + 1).to(classifier.weight.device)
+    bound = classifier.in_features ** -0.5
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         grown.weight[:-1].copy_(classifier.weight)
         grown.bias[:-1].copy_(classifier.bias)
+        grown.weight[-1].copy_((torch.rand(classifier.in_features, generator=g) * 2 - 1) * bound)
+        grown.bias[-1].copy_((torch.rand((), generator=g) * 2 - 1) * bound)
     return grown
 
 

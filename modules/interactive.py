@@ -39,9 +39,11 @@ class EvaluationProtocol:
     target_iou: float = 0.9
 
 
-def poly_lr_factor(step: int, total: int, power: float) -> float:
-    """Polynomial decay ``(1 - step / total) ** power`` (DeepLab's schedule)."""
-    return max(0.0, 1.0 - step / max(1, total)) ** power
+def poly_lr_factor(step: int, total: int, power: float, warmup: int = 0) -> float:
+    """Polynomial decay ``(1 - step / total) ** power`` (DeepLab's schedule), after a linear
+    warm-up over the first ``warmup`` steps."""
+    ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return ramp * max(0.0, 1.0 - step / max(1, total)) ** power
 
 
 def aux_losses(out: dict[str, torch.Tensor], mask: torch.Tensor, valid: torch.Tensor, class_id: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -163,6 +163,9 @@ def test_max_squares_and_replay_weight_and_classifier():
     old = nn.Linear(6, 4)
     new = expand_classifier(old)
     assert new.out_features == 5 and torch.equal(new.weight[:4], old.weight) and torch.equal(new.bias[:4], old.bias)
+    again = expand_classifier(old)  # the "unknown" row is drawn from its own seed, not the global generator
+    assert torch.equal(new.weight, again.weight) and torch.equal(new.bias, again.bias)
+    assert 0 < new.weight[4].abs().max() <= 6 ** -0.5 and not torch.equal(new.weight[4], expand_classifier(old, seed=1).weight[4])
     logits = torch.tensor([[5.0, 0, 0, 0, 0], [0, 0, 0, 0, 5.0], [0.1, 0, 0, 0, 0]])
     assert known_class(logits, 4, 0.5).tolist() == [0, -1, -1]
 
@@ -252,6 +255,20 @@ def test_a_stage_never_reads_its_datasets_masks(evolve_init_ckpt, tmp_path, monk
     stats = [k for k in init if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(init[k], evolved[k]) for k in stats)
     assert any(not torch.equal(init[k], evolved[k]) for k in init if k.endswith("weight") and init[k].dim() == 4)
+
+
+def test_a_stage_is_reproducible(evolve_init_ckpt, tmp_path):
+    """The same config and seed give the same evolved weights and the same table."""
+    from lightning_app.cli import main
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        assert main(evolve_args(evolve_init_ckpt, out, stages="[rooftop]", epochs=1) + ["--warmup", "0.5"]) == 0
+    a, b = (torch.load(out / "stage1_rooftop" / "model.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+            for out in runs)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    tables = [json.loads((out / "results.json").read_text())["table"] for out in runs]
+    assert tables[0] == tables[1]
 
 
 @pytest.mark.slow

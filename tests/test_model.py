@@ -54,6 +54,8 @@ def test_network_size_and_poly_schedule():
     assert network_size((10, 10), 512) == (32, 32)
     assert poly_lr_factor(0, 100, 0.9) == 1.0 and poly_lr_factor(100, 100, 0.9) == 0.0
     assert 0 < poly_lr_factor(50, 100, 0.9) < 1
+    # a linear warm-up over the first 10 steps, then the same decay
+    assert [poly_lr_factor(s, 100, 1.0, 10) for s in (0, 4, 9)] == pytest.approx([0.1, 0.48, 0.91])
 
 
 def test_object_roi_grows_the_object_box_inside_the_image():
