@@ -236,7 +236,7 @@ def run_evolution(
         iou_thresholds: NoC targets.
         measure_pseudo_masks: report pseudo-mask mIoU against the ground truth (Table 3).
         fresh: move aside stage folders made with other settings instead of stopping.
-        seed: seed of IPT's point sampling and of training.
+        seed: seed of IPT's point sampling, of the classifier's new output and of training.
         accelerator: Lightning accelerator.
         wandb_project: wandb project (offline unless WANDB_MODE says otherwise).
     """
@@ -309,7 +309,7 @@ def run_evolution(
         new = PseudoLabelled(MaskFree(train_source), masks, verdicts)
         if not stage.model_path.is_file():
             module = EvolutionModule.from_previous(
-                load_module(previous), known, feature_alignment=feature_alignment, alignment_features=alignment_features,
+                load_module(previous), known, seed=seed, feature_alignment=feature_alignment, alignment_features=alignment_features,
                 alignment_weight=alignment_weight, max_squares_weight=max_squares_weight,
                 unknown_terms=tuple(unknown_terms), corrective_clicks=corrective_clicks, lr=lr,
                 replay_final_weight=replay_final_weight, warmup=warmup, freeze_norm=freeze_norm)

@@ -49,8 +49,8 @@ class EvolutionModule(pl.LightningModule):
         poly_power: power of the learning-rate decay.
         replay_final_weight: the earlier data's loss weight decays linearly to this.
         warmup: share of the stage's steps over which the learning rate rises linearly from 0
-            (the first steps otherwise knock the previous model off its data: on cells, source
-            3-click mIoU fell 77.1 -> 64.6 after the first of six epochs before recovering).
+            (on cells within the run-to-run spread: the source's dip after the first epoch comes
+            from the new domain's batches, not the step size; README).
         freeze_norm: keep the normalisation statistics of the previous model through the stage
             (``modules.evolution.freeze_norm_statistics``); off, they follow the stage's batches
             as in any training.
@@ -68,13 +68,14 @@ class EvolutionModule(pl.LightningModule):
         self.model = InteractiveSegmentationModule(**model)
 
     @classmethod
-    def from_previous(cls, previous: InteractiveSegmentationModule, known_classes: int, **kwargs) -> "EvolutionModule":
+    def from_previous(cls, previous: InteractiveSegmentationModule, known_classes: int, seed: int = 0,
+                      **kwargs) -> "EvolutionModule":
         """A stage that starts from ``previous``'s weights; after the initial stage the
-        classifier gains the "unknown" output."""
+        classifier gains the "unknown" output (drawn from ``seed``)."""
         hparams = dict(previous.hparams)
         classifier = previous.net.classifier
         if classifier.out_features == known_classes:
-            previous.net.classifier = expand_classifier(classifier)
+            previous.net.classifier = expand_classifier(classifier, seed)
         elif classifier.out_features != known_classes + 1:
             raise ValueError(f"classifier has {classifier.out_features} outputs; expected {known_classes} or {known_classes + 1}")
         hparams["num_classes"] = known_classes + 1
