@@ -173,7 +173,7 @@ def run_evolution(
     ipt: bool = True,
     ipt_options: dict[str, Any] = {},  # noqa: B006
     ipt_table: bool = False,
-    feature_alignment: bool = True,
+    feature_alignment: bool = False,
     alignment_features: Literal["deep_unit", "deep", "decoder"] = "deep_unit",
     alignment_weight: float = 1.0,
     max_squares_weight: float = 1.0,
