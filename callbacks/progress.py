@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytorch_lightning as pl
+import torch
 
 
 class ProgressLog(pl.Callback):
@@ -31,7 +32,7 @@ class ProgressLog(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_time, self.start_step, self.last = time.monotonic(), trainer.global_step, float("-inf")
         if self._active(trainer):
-            print(f"training from step {trainer.global_step} to {self._total(trainer):.0f}", flush=True)
+            print(f"training from step {trainer.global_step} to {self._total(trainer):.0f} ({torch.get_num_threads()} CPU threads)", flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.monotonic()

@@ -1,6 +1,8 @@
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.demos.boring_classes import BoringModel
 
+from callbacks.checkpoint import ThreadCount
 from callbacks.progress import ProgressLog
 
 
@@ -11,5 +13,17 @@ def test_progress_log_is_quiet_and_knows_the_end_of_an_epoch_based_run(capsys):
     trainer.fit(BoringModel())
     lines = capsys.readouterr().out.strip().splitlines()
     progress = [line for line in lines if line.startswith("step ")]
-    assert "training from step 0 to 10" in lines
+    assert f"training from step 0 to 10 ({torch.get_num_threads()} CPU threads)" in lines
     assert len(progress) == 2 and progress[-1].startswith("step 10/10")  # the first step and the last, not every step
+
+
+def test_a_checkpoint_keeps_the_thread_count_and_a_resume_with_another_says_so(tmp_path, capsys):
+    trainer = pl.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[ThreadCount()])
+    trainer.fit(BoringModel())
+    ckpt = torch.load(next((tmp_path / "checkpoints").glob("*.ckpt")), weights_only=False)
+    assert ckpt["callbacks"]["ThreadCount"] == {"cpu_threads": torch.get_num_threads()}
+    ThreadCount().load_state_dict(ckpt["callbacks"]["ThreadCount"])
+    assert "CPU threads" not in capsys.readouterr().out  # the same count: nothing to say
+    ThreadCount().load_state_dict({"cpu_threads": torch.get_num_threads() + 1})
+    assert f"OMP_NUM_THREADS={torch.get_num_threads() + 1}" in capsys.readouterr().out
