@@ -270,6 +270,9 @@ def test_variants_compose_without_restating(tmp_path):
     paper = variant_callback("paper/ia_sa", adapt)
     assert (paper.image.steps, paper.image.lr, paper.sequence.lr, paper.sequence.gamma) == (10, 1e-6, 1e-6, 2.0)
     assert variant_callback("fixed", adapt).image is None
+    for preset in sorted(adapt.rglob("*.yaml")):  # every shipped preset validates
+        variant_callback(preset.relative_to(adapt).with_suffix("").as_posix(), adapt)
+    assert variant_callback("sa_mas", adapt).sequence.gamma == 0.01 and variant_callback("sa", adapt).sequence.gamma == 0.0
     inline = variant_callback({"name": "x", "image": "ia", "sequence": {"lr": 3e-5}}, adapt)
     assert inline.image == paper.image.__class__(**read_variant("ia", adapt)["image"]) and inline.sequence.lr == 3e-5
     (tmp_path / "bad.yaml").write_text("image: {steps: 3, rate: 1}\n")
