@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -194,6 +195,7 @@ def _entry(records: list[ObjectRecord], rollbacks: int, thresholds: list[float],
         "user_clicks_mean": float(np.mean([r.user_clicks for r in records])),
         "adaptation_rollbacks": int(rollbacks),
         "iou_at_k_first_last": sequence_drift(ious, click=min(4, max_clicks)),
+        "cpu_threads": torch.get_num_threads(),  # adaptation's weights depend on it (README, Reproducibility)
     })
     return entry
 

@@ -321,6 +321,7 @@ def test_benchmark_adaptation_changes_the_ious_and_paper_presets_run(tiny_ckpt_w
     assert objects["ia_fast"]["ious"] != objects["fixed"]["ious"], "strong IA must change some IoU"
     fixed, ia = results["results"]["fundus"]["fixed"], results["results"]["fundus"]["ia_fast"]
     assert ia["seconds_per_click"] > fixed["seconds_per_click"]  # IA's gradient steps are timed per click
+    assert fixed["cpu_threads"] == torch.get_num_threads()  # what the weights of an adapting run depend on
 
 
 @pytest.mark.slow
