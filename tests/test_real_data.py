@@ -7,6 +7,7 @@ import pytest
 from conftest import ROOT
 
 from datamodules.registry import build_source
+from modules.errors import UserError
 
 SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -51,3 +52,15 @@ def test_bsds500_reads_completely():
         s = source.get_sample(i)
         assert s.mask.shape == s.image.shape[:2] and s.mask.any()
     assert turned in (0, 51)  # 51 in ../shared/data: photos stored turned, annotations not (see bsds.py)
+
+
+def test_bsds_min_fraction_keeps_object_like_regions():
+    entry = {"dataset": "bsds", "root": str(shared("BSDS500")), "splits": ["val"]}
+    every = build_source(entry, "t", min_area=0)
+    large = build_source({**entry, "min_fraction": 0.03}, "t", min_area=0)
+    keep = [o for o in every.objects if o.area >= 0.03 * 154401]  # every BSDS image is 481 x 321
+    assert [o.key for o in large.objects] == [o.key for o in keep] and 0 < len(keep) < len(every)
+    assert large.below_fraction == len(every) - len(keep)
+    assert f"{large.below_fraction} below min_fraction=0.03" in large.describe()
+    with pytest.raises(UserError, match="min_fraction=1.5"):
+        build_source({**entry, "min_fraction": 1.5}, "t", min_area=0)

@@ -7,7 +7,9 @@ Layout (``root`` = the BSDS500 folder)::
                                             annotator, ``Segmentation`` = regions 1..K
 
 Every region of every chosen annotator's partition is an object (regions below
-``min_area`` are skipped); the annotator's other regions are its negatives.
+``min_area`` pixels, or below ``min_fraction`` of the image, are skipped); the annotator's
+other regions are its negatives. ``min_fraction`` keeps object-like regions: the coarser
+annotators' partitions hold whole objects, the finer ones parts and texture patches.
 
 Some copies store portrait photos rotated to landscape while their ``.mat`` stays portrait
 (51 of the 404 images in ``../shared/data/BSDS500``). Such an annotation is rotated to its
@@ -62,13 +64,17 @@ def annotation_rotation(regions: np.ndarray, image: np.ndarray) -> int:
 
 
 class BSDSObjects(IndexedObjects):
-    """BSDS500 regions of ``splits`` from ``annotators`` (all when ``None``, else their indices)."""
+    """BSDS500 regions of ``splits`` from ``annotators`` (all when ``None``, else their indices)
+    covering at least ``min_fraction`` of their image."""
 
     name = "bsds"
 
     def __init__(self, root: str | Path, splits: list[str] = ["train", "val", "test"],  # noqa: B006
-                 annotators: list[int] | None = None, min_area: int = 0):
-        self.splits, self.annotators = list(splits), annotators
+                 annotators: list[int] | None = None, min_area: int = 0, min_fraction: float = 0.0):
+        if not 0.0 <= min_fraction < 1.0:
+            raise UserError(f"bsds: min_fraction={min_fraction} (expected a share of the image in [0, 1))")
+        self.splits, self.annotators, self.min_fraction = list(splits), annotators, min_fraction
+        self.below_fraction = 0  # regions skipped by min_fraction
         self.rotation: dict[Path, int] = {}  # quarter turns per annotation file
         super().__init__(root, min_area)
 
@@ -98,7 +104,15 @@ class BSDSObjects(IndexedObjects):
                     if a >= len(partitions):
                         raise UserError(f"BSDS annotation '{path}' has {len(partitions)} annotators (asked for {a})")
                     for region, area in instance_areas(partitions[a]).items():
-                        yield ObjectRef(image, path, (a, region), UNKNOWN_CLASS, area)
+                        if area < self.min_fraction * partitions[a].size:
+                            self.below_fraction += 1
+                        else:
+                            yield ObjectRef(image, path, (a, region), UNKNOWN_CLASS, area)
+
+    def describe(self) -> str:
+        if not self.min_fraction:
+            return super().describe()
+        return f"{super().describe()[:-1]}, {self.below_fraction} below min_fraction={self.min_fraction:g})"
 
     def target(self, ref: ObjectRef, shape: tuple[int, int]) -> Target:
         annotator, region = ref.key
