@@ -121,10 +121,14 @@ class IndexedObjects:
         """Which object of its annotation file object ``index`` is (e.g. a COCO annotation id)."""
         return self.objects[index].key
 
+    def skip_notes(self) -> list[str]:
+        """What else the index skipped, one phrase each, for :meth:`describe`."""
+        return []
+
     def describe(self) -> str:
         images = len({o.image for o in self.objects})
-        return (f"{self.name}: {len(self.objects)} objects in {images} images "
-                f"({self.skipped} below min_area={self.min_area} px skipped)")
+        skips = ", ".join([f"{self.skipped} below min_area={self.min_area} px skipped", *self.skip_notes()])
+        return f"{self.name}: {len(self.objects)} objects in {images} images ({skips})"
 
     def get_image(self, index: int) -> np.ndarray:
         """The image of object ``index`` alone: its annotation is not opened."""

@@ -109,10 +109,8 @@ class BSDSObjects(IndexedObjects):
                         else:
                             yield ObjectRef(image, path, (a, region), UNKNOWN_CLASS, area)
 
-    def describe(self) -> str:
-        if not self.min_fraction:
-            return super().describe()
-        return f"{super().describe()[:-1]}, {self.below_fraction} below min_fraction={self.min_fraction:g})"
+    def skip_notes(self) -> list[str]:
+        return [f"{self.below_fraction} below min_fraction={self.min_fraction:g}"] if self.min_fraction else []
 
     def target(self, ref: ObjectRef, shape: tuple[int, int]) -> Target:
         annotator, region = ref.key
