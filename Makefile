@@ -11,6 +11,8 @@ BSDS_CKPT ?= runs/train_bsds/checkpoints/last.ckpt
 EVOLVE_INIT ?= configs/evolve/init.yaml
 EVOLVE_CKPT ?= runs/evolve_init/checkpoints/last.ckpt
 STAGES ?=
+SEEDS ?= 0,1,2
+comma := ,
 EVOLVE_STAGES := $(if $(STAGES),--stages [$(STAGES)])
 IMAGES ?= runs/app/images
 ANNOTATIONS ?= runs/app/annotations.json
@@ -21,18 +23,24 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv demo train-init train-paper benchmark adapt-sequence tune train-bsds tune-real benchmark-real evolve-init evolve evolve-ablation app app-benchmark test test-slow clean
+.PHONY: help venv lock demo train-init train-paper benchmark seeds adapt-sequence tune train-bsds tune-real benchmark-real evolve-init evolve evolve-ablation app app-benchmark test test-slow clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
 
-venv: $(STAMP) ## create .venv and install the project (+ dev tools) when missing
+venv: $(STAMP) ## create .venv and install the project (+ dev tools) at the versions of constraints.txt when missing
+
+lock: ## re-resolve the newest dependencies into .venv and pin them in constraints.txt (the README's numbers then need re-measuring)
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; $(VENV)/bin/pip freeze --exclude-editable; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+	@touch $(STAMP)
 
 demo: $(STAMP) ## train the initial model on the embedded source domain, then fixed/IA/SA/IA+SA on 20 objects per domain -> runs/demo/
 	$(MAKE) --no-print-directory train-init
@@ -48,6 +56,16 @@ train-paper: $(STAMP) ## paper A's 5-channel network with the same recipe (no pr
 
 benchmark: $(STAMP) ## fixed / IA / SA / IA+SA on 100 objects per domain, with 95% intervals -> runs/benchmark/
 	$(PY) -m lightning_app benchmark --config configs/benchmark.yaml --ckpt $(CKPT) --out_dir $(BENCH_OUT) $(ARGS)
+
+seeds: $(STAMP) ## train-init and benchmark with each of SEEDS (default 0,1,2; seed 0 is train-init's), then the spread over the models -> runs/spread/
+	@set -e; runs=; for s in $(subst $(comma), ,$(SEEDS)); do \
+	  suffix=$$( [ "$$s" = 0 ] || echo _seed$$s ); root=runs/train_init$$suffix; \
+	  $(PY) -m lightning_app fit --config configs/train_init.yaml --seed_everything $$s --trainer.default_root_dir $$root \
+	    --trainer.logger.init_args.save_dir $$root --trainer.logger.init_args.name train_init$$suffix --ckpt_path last; \
+	  $(PY) -m lightning_app importance --ckpt $$root/checkpoints/last.ckpt; \
+	  $(PY) -m lightning_app benchmark --config configs/benchmark.yaml --ckpt $$root/checkpoints/last.ckpt --out_dir $(BENCH_OUT)$$suffix $(ARGS); \
+	  runs=$$runs,$(BENCH_OUT)$$suffix; \
+	done; $(PY) -m lightning_app spread --runs "[$${runs#,}]" --out_dir runs/spread
 
 adapt-sequence: $(STAMP) ## SA along a 500-object fundus sequence (its learning curve) -> runs/benchmark_sequence/
 	$(PY) -m lightning_app benchmark --config configs/benchmark_sequence.yaml --ckpt $(CKPT) $(ARGS)

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 
-import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from modules.environment import differences, environment
 
 
 def checkpoint_dir(trainer) -> str:
@@ -32,19 +33,23 @@ class RunCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
 
-class ThreadCount(Callback):
-    """Keeps torch's CPU thread count in every checkpoint and says so when a run resumes with
-    another count: CPU kernels sum in an order that depends on it, so the weights then differ
-    from an uninterrupted run's (1 against 2 threads changed 115 of 144 tensors of the evolution
-    initial model within 3 steps). Set ``OMP_NUM_THREADS`` to reproduce a run made with another
-    count."""
+class RunEnvironment(Callback):
+    """Keeps the run's environment (``modules.environment``: CPU, thread count, library
+    versions) in every checkpoint and says in one line what differs when a run resumes elsewhere:
+    CPU kernels sum in an order that depends on the thread count and the CPU, and library
+    versions change augmentation and kernels, so the weights then differ from an uninterrupted
+    run's (1 against 2 threads changed 115 of 144 tensors of the evolution initial model within 3
+    steps; OpenCV 4.14 against 5.0, 117 of 140 tensors of the initial model within 200 steps).
+    ``OMP_NUM_THREADS`` and ``constraints.txt`` reproduce a run made with another count or
+    versions."""
 
     def state_dict(self) -> dict:
-        return {"cpu_threads": torch.get_num_threads()}
+        return environment()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        saved, now = state_dict.get("cpu_threads"), torch.get_num_threads()
-        if saved is not None and saved != now:
-            print(f"note: the checkpoint was written with {saved} CPU threads and resumes with {now}: "
-                  f"the weights will not be bitwise those of an uninterrupted run (OMP_NUM_THREADS={saved} would be)",
-                  flush=True)
+        changed = differences(state_dict, environment())
+        if changed:
+            threads = state_dict.get("cpu_threads")
+            print(f"note: the checkpoint was written in another environment ({'; '.join(changed)}): the weights will "
+                  f"not be bitwise those of an uninterrupted run (OMP_NUM_THREADS={threads} and `make venv` with "
+                  "constraints.txt reproduce the threads and libraries; the CPU must match too)", flush=True)

@@ -26,6 +26,7 @@ from datamodules.datamodule import InteractiveDataModule
 from lightning_app import report
 from lightning_app.checkpoints import file_digest, load_module
 from lightning_app.importance import load_importance
+from modules.environment import environment
 from modules.errors import UserError
 from modules.interactive import EvaluationProtocol
 from modules.metrics import sequence_drift, summarize, threshold_key
@@ -196,6 +197,7 @@ def _entry(records: list[ObjectRecord], rollbacks: int, thresholds: list[float],
         "adaptation_rollbacks": int(rollbacks),
         "iou_at_k_first_last": sequence_drift(ious, click=min(4, max_clicks)),
         "cpu_threads": torch.get_num_threads(),  # adaptation's weights depend on it (README, Reproducibility)
+        "environment": environment(),  # the CPU and library versions too
     })
     return entry
 

@@ -35,7 +35,7 @@ from pytorch_lightning.loggers import WandbLogger
 from rich.progress import track
 from torch.utils.data import DataLoader
 
-from callbacks.checkpoint import ThreadCount
+from callbacks.checkpoint import RunEnvironment
 from callbacks.progress import ProgressLog
 from datamodules.datamodule import InteractiveDataModule
 from datamodules.evolution import MaskFree, PairedObjects, PseudoLabelled, load_pseudo_masks, record_interactions, save_pseudo_masks
@@ -147,7 +147,7 @@ class Stage:
             logger=WandbLogger(project=wandb_project, name=f"evolve/{self.name}", group=group, save_dir=str(self.folder),
                                job_type="evolve"),
             callbacks=[ModelCheckpoint(dirpath=last.parent, filename="{epoch}", save_last=True, every_n_epochs=1,
-                                       enable_version_counter=False), ThreadCount(), ProgressLog(every=60)],
+                                       enable_version_counter=False), RunEnvironment(), ProgressLog(every=60)],
             plugins=[AtomicCheckpointIO()], log_every_n_steps=10, enable_model_summary=False, enable_progress_bar=False,
         )
         if last.is_file():

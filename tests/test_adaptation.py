@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -322,6 +323,7 @@ def test_benchmark_adaptation_changes_the_ious_and_paper_presets_run(tiny_ckpt_w
     fixed, ia = results["results"]["fundus"]["fixed"], results["results"]["fundus"]["ia_fast"]
     assert ia["seconds_per_click"] > fixed["seconds_per_click"]  # IA's gradient steps are timed per click
     assert fixed["cpu_threads"] == torch.get_num_threads()  # what the weights of an adapting run depend on
+    assert fixed["environment"]["cpu_threads"] == torch.get_num_threads() and fixed["environment"]["numpy"] == np.__version__
 
 
 @pytest.mark.slow

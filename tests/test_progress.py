@@ -2,8 +2,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.demos.boring_classes import BoringModel
 
-from callbacks.checkpoint import ThreadCount
+from callbacks.checkpoint import RunEnvironment
 from callbacks.progress import ProgressLog
+from modules.environment import environment
 
 
 def test_progress_log_is_quiet_and_knows_the_end_of_an_epoch_based_run(capsys):
@@ -17,13 +18,19 @@ def test_progress_log_is_quiet_and_knows_the_end_of_an_epoch_based_run(capsys):
     assert len(progress) == 2 and progress[-1].startswith("step 10/10")  # the first step and the last, not every step
 
 
-def test_a_checkpoint_keeps_the_thread_count_and_a_resume_with_another_says_so(tmp_path, capsys):
+def test_a_checkpoint_keeps_its_environment_and_a_resume_elsewhere_says_what_differs(tmp_path, capsys):
     trainer = pl.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[ThreadCount()])
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[RunEnvironment()])
     trainer.fit(BoringModel())
     ckpt = torch.load(next((tmp_path / "checkpoints").glob("*.ckpt")), weights_only=False)
-    assert ckpt["callbacks"]["ThreadCount"] == {"cpu_threads": torch.get_num_threads()}
-    ThreadCount().load_state_dict(ckpt["callbacks"]["ThreadCount"])
-    assert "CPU threads" not in capsys.readouterr().out  # the same count: nothing to say
-    ThreadCount().load_state_dict({"cpu_threads": torch.get_num_threads() + 1})
-    assert f"OMP_NUM_THREADS={torch.get_num_threads() + 1}" in capsys.readouterr().out
+    saved = ckpt["callbacks"]["RunEnvironment"]
+    assert saved == environment() and saved["cpu_threads"] == torch.get_num_threads()
+    assert saved["torch"] == torch.__version__.split("+")[0] and saved["cpu"]
+    RunEnvironment().load_state_dict(saved)
+    assert "note:" not in capsys.readouterr().out  # the same environment: nothing to say
+    RunEnvironment().load_state_dict({**saved, "cpu_threads": torch.get_num_threads() + 1, "opencv-python-headless": "4.14.0.94"})
+    out = capsys.readouterr().out
+    assert f"OMP_NUM_THREADS={torch.get_num_threads() + 1}" in out and "opencv-python-headless 4.14.0.94 ->" in out
+    assert len(out.strip().splitlines()) == 1
+    RunEnvironment().load_state_dict({"cpu_threads": torch.get_num_threads()})  # an older checkpoint kept only the threads
+    assert "note:" not in capsys.readouterr().out
