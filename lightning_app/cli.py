@@ -5,6 +5,7 @@ plain-function subcommands (benchmark, importance, evolve).
     python -m lightning_app importance --ckpt path.ckpt
     python -m lightning_app evolve --config configs/evolve.yaml [--stages [fundus,rooftop]]
     python -m lightning_app benchmark --config configs/benchmark.yaml --ckpt path.ckpt
+    python -m lightning_app spread --runs [runs/benchmark,runs/benchmark_seed1]
     python -m lightning_app <subcommand> --help | --print_config
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lightning_app.app_benchmark import app_benchmark, export_images  # noqa: E4
 from lightning_app.benchmark import run_benchmark  # noqa: E402
 from lightning_app.evolve import run_evolution  # noqa: E402
 from lightning_app.importance import compute_importance  # noqa: E402
+from lightning_app.report import run_spread  # noqa: E402
 from modules.errors import UserError  # noqa: E402
 from modules.interactive import InteractiveSegmentationModule  # noqa: E402
 
@@ -43,7 +45,7 @@ for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lig
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 FUNCTIONS = {"benchmark": run_benchmark, "importance": compute_importance, "evolve": run_evolution, "app": serve_app,
-             "app-benchmark": app_benchmark, "images": export_images}
+             "app-benchmark": app_benchmark, "images": export_images, "spread": run_spread}
 """Subcommands that are plain functions (of options, and of ``data`` when they take it)."""
 
 
@@ -149,6 +151,7 @@ USAGE = """usage: python -m lightning_app <command> [options]   (<command> --hel
   app         the annotation app (a local web page)
   app-benchmark  the app's click -> mask latency per adaptation mode
   images      write a dataset's images as PNG files (e.g. to annotate in the app)
+  spread      NoC and mIoU@k of one benchmark across models trained with different seeds
 """
 
 

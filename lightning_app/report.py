@@ -19,6 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from modules.errors import UserError
 from modules.io import atomic_write, atomic_write_text
 from modules.metrics import threshold_key
 
@@ -191,6 +192,83 @@ def write_reports(out_dir: Path, results: dict) -> list[Path]:
     click = min(4, results["protocol"]["max_clicks"])
     return [write_per_object(out_dir, results), plot_miou(out_dir, results), plot_sequence(out_dir, results, click),
             atomic_write_text(out_dir / MARKDOWN, markdown_table(results))]
+
+
+# -- spread over training runs ------------------------------------------------------------------
+SPREAD = "spread.json"
+
+
+def seed_spread(runs: dict[str, dict]) -> dict:
+    """Across benchmark runs (``results.json`` of models trained with different seeds, on the same
+    protocol and objects): per dataset and variant, each run's NoC per threshold and mIoU@k, and
+    their mean, standard deviation (n - 1), minimum and maximum. The bootstrap intervals of one
+    run say how much the objects move a number; this says how much the training run does."""
+    first = next(iter(runs.values()))
+    protocol, ks = first["protocol"], _clicks_shown(first["protocol"]["max_clicks"])
+    keys = [f"noc@{threshold_key(t)}" for t in protocol["iou_thresholds"]] + [f"miou@{k}" for k in ks]
+    table: dict = {}
+    for ds, variants in first["results"].items():
+        for variant in variants:
+            rows = [r["results"].get(ds, {}).get(variant) for r in runs.values()]
+            if any(r is None for r in rows):
+                continue  # a variant not run on every model has no spread
+            values = {f"noc@{t}": [r["noc"][t] for r in rows] for t in map(threshold_key, protocol["iou_thresholds"])}
+            values.update({f"miou@{k}": [r["miou_at_click"][k - 1] for r in rows] for k in ks})
+            table.setdefault(ds, {})[variant] = {
+                key: {"runs": v, "mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                      "min": float(np.min(v)), "max": float(np.max(v))} for key, v in values.items() if key in keys}
+    return {"protocol": protocol, "data": first.get("data"),
+            "runs": {name: {"checkpoint": r["model"]["checkpoint"], "sha256_16": r["model"]["sha256_16"]} for name, r in runs.items()},
+            "results": table}
+
+
+def spread_markdown(spread: dict) -> str:
+    """The spread as a markdown table: mean ± sd [min, max] over the runs."""
+    protocol = spread["protocol"]
+    keys = [f"noc@{threshold_key(t)}" for t in protocol["iou_thresholds"]] + \
+        [f"miou@{k}" for k in _clicks_shown(protocol["max_clicks"])]
+    head = ["dataset", "variant", *[k.replace("noc", "NoC").replace("miou", "mIoU") for k in keys]]
+    lines = [f"{len(spread['runs'])} runs ({', '.join(spread['runs'])}): mean ± sd [min, max] over the runs", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ds, variants in spread["results"].items():
+        for variant, values in variants.items():
+            digits = lambda k: 2 if k.startswith("noc") else 3  # noqa: E731
+            lines.append("| " + " | ".join([ds, variant, *[
+                f"{values[k]['mean']:.{digits(k)}f} ± {values[k]['sd']:.{digits(k)}f} "
+                f"[{values[k]['min']:.{digits(k)}f}, {values[k]['max']:.{digits(k)}f}]" for k in keys]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_spread(runs: list[str], out_dir: str = "runs/spread") -> dict:
+    """Spread over training runs: NoC and mIoU@k of the same benchmark on models trained with
+    different seeds (each a ``results.json`` folder of ``benchmark``) -> spread.json, spread.md.
+
+    Args:
+        runs: the benchmark output folders, one per trained model (at least two).
+        out_dir: where spread.json and spread.md go.
+    """
+    if len(runs) < 2:
+        raise UserError(f"spread: runs: expected at least two benchmark folders, got {runs}")
+    loaded = {}
+    for run in runs:
+        results = read_results(Path(run))
+        if results is None:
+            raise UserError(f"spread: {Path(run) / RESULTS}: missing or not JSON (run `benchmark --out_dir {run}` first)")
+        loaded[run] = results
+    reference = loaded[runs[0]]
+    for run, results in loaded.items():
+        if results.get("protocol") != reference.get("protocol") or \
+                results.get("data", {}).get("test") != reference.get("data", {}).get("test"):
+            raise UserError(f"spread: {Path(run) / RESULTS}: its protocol or test data differ from "
+                            f"{Path(runs[0]) / RESULTS}'s (a spread compares one benchmark across models)")
+    spread = seed_spread(loaded)
+    out = Path(out_dir)
+    atomic_write_text(out / SPREAD, json.dumps(spread, indent=1) + "\n")
+    text = spread_markdown(spread)
+    atomic_write_text(out / "spread.md", text)
+    print(text, end="")
+    print(f"spread: {out / SPREAD}  also: {out / 'spread.md'}")
+    return spread
 
 
 # -- life-long evolution (paper B) -------------------------------------------------------------

@@ -144,10 +144,42 @@ def test_bad_input_is_one_clear_line(args, expected, tmp_path, tiny_ckpt):
     assert expected in r.stderr.strip().splitlines()[-1]
 
 
+def test_spread_gives_each_runs_numbers_and_their_spread(tmp_path):
+    from modules.metrics import summarize
+
+    protocol = {"max_clicks": 20, "iou_thresholds": [0.8, 0.9], "target_iou": 0.9, "paper_thresholds": {}}
+    curve = np.concatenate([np.linspace(0.5, 0.97, 6), np.full(20, 0.97)])
+    runs = []
+    for i, delay in enumerate([0, 2, 5]):  # the same objects, reached a few clicks later by each model
+        ious = np.stack([np.concatenate([np.full(delay + j, 0.5), curve])[:20] for j in range(4)])
+        out = tmp_path / f"bench{i}"
+        out.mkdir()
+        (out / "results.json").write_text(json.dumps({
+            "protocol": protocol, "model": {"checkpoint": f"m{i}.ckpt", "sha256_16": str(i)}, "data": {"test": ["fundus"]},
+            "results": {"fundus": {"fixed": summarize(ious, protocol["iou_thresholds"])}}}))
+        runs.append(out)
+    r = run_cli("spread", "--runs", "[" + ",".join(map(str, runs)) + "]", "--out_dir", str(tmp_path / "spread"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    spread = json.loads((tmp_path / "spread" / "spread.json").read_text())
+    each = [json.loads((run / "results.json").read_text())["results"]["fundus"]["fixed"]["noc"]["90"] for run in runs]
+    cell = spread["results"]["fundus"]["fixed"]["noc@90"]
+    assert cell["runs"] == each and len(set(each)) == 3
+    assert cell["mean"] == pytest.approx(np.mean(each)) and cell["sd"] == pytest.approx(np.std(each, ddof=1))
+    assert (cell["min"], cell["max"]) == (min(each), max(each))
+    assert "| fundus | fixed |" in (tmp_path / "spread" / "spread.md").read_text()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text((runs[0] / "results.json").read_text().replace('"max_clicks": 20', '"max_clicks": 10'))
+    for bad, expected in [([runs[0], other], "its protocol or test data differ"), ([runs[0], tmp_path / "none"], "missing or not JSON"),
+                          ([runs[0]], "expected at least two")]:
+        r = run_cli("spread", "--runs", "[" + ",".join(map(str, bad)) + "]", "--out_dir", str(tmp_path / "s2"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr and expected in r.stderr.strip().splitlines()[-1]
+
+
 def test_top_level_help_lists_every_command():
     r = run_cli("--help")
     assert r.returncode == 0
-    for command in ("fit", "benchmark", "importance", "evolve", "app", "app-benchmark", "images"):
+    for command in ("fit", "benchmark", "importance", "evolve", "app", "app-benchmark", "images", "spread"):
         assert f"  {command} " in r.stdout
 
 
