@@ -240,8 +240,9 @@ def spread_markdown(spread: dict) -> str:
 
 
 def run_spread(runs: list[str], out_dir: str = "runs/spread") -> dict:
-    """Spread over training runs: NoC and mIoU@k of the same benchmark on models trained with
-    different seeds (each a ``results.json`` folder of ``benchmark``) -> spread.json, spread.md.
+    """NoC and mIoU@k of one benchmark across models trained with different seeds.
+
+    Each run is a ``benchmark`` output folder (``results.json``); writes spread.json, spread.md.
 
     Args:
         runs: the benchmark output folders, one per trained model (at least two).
