@@ -263,15 +263,15 @@ def _log_to_wandb(project: str, group: str, out: Path, variant: str, dataset, re
                                       "repeated_user_click_fraction", "adaptation_rollbacks", "n_objects")}
     run.summary.update(summary)
     order = np.argsort([r.ious[-1] for r in records])[:worst]
-    images = []
-    for i in order:
+    pairs = {}  # one key per object: photos differ in size, and wandb wants one size per key
+    for rank, i in enumerate(order, start=1):
         sample = dataset.source.get_sample(int(i))
         first, last = records[i].masks()
-        images += [wandb.Image(_overlay(sample.image, sample.mask, first), caption=f"{records[i].name} click 1 "
-                               f"IoU {records[i].ious[0]:.2f}"),
-                   wandb.Image(_overlay(sample.image, sample.mask, last), caption=f"{records[i].name} click {max_clicks} "
-                               f"IoU {records[i].ious[-1]:.2f}")]
-    run.log({"worst_objects": images})
+        pairs[f"worst_objects/{rank}"] = [
+            wandb.Image(_overlay(sample.image, sample.mask, first), caption=f"{records[i].name} click 1 IoU {records[i].ious[0]:.2f}"),
+            wandb.Image(_overlay(sample.image, sample.mask, last),
+                        caption=f"{records[i].name} click {max_clicks} IoU {records[i].ious[-1]:.2f}")]
+    run.log(pairs)
     run.finish()
 
 

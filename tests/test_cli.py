@@ -238,3 +238,28 @@ def test_images_writes_a_data_entrys_images(tmp_path):
     r = run_cli("images", "--data", "{dataset: synthetic, domain: fundus, length: 2, seed: 7}", "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fundus_000.png", "fundus_001.png"]
+
+
+def test_wandb_run_of_a_benchmark_logs_photos_of_different_sizes_quietly(tmp_path, monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from lightning_app.benchmark import _log_to_wandb
+    from modules.metrics import summarize
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sizes = [(40, 60), (50, 30), (32, 32)]
+    samples = [SimpleNamespace(image=np.full((*s, 3), 90, np.uint8), mask=np.ones(s, bool)) for s in sizes]
+    dataset = SimpleNamespace(name="photos", source=SimpleNamespace(get_sample=lambda i: samples[i]))
+    records = [SimpleNamespace(name=f"photo{i}", ious=np.linspace(0.2, 0.5 + 0.1 * i, 5),
+                               masks=lambda s=s: (np.zeros(s, bool), np.ones(s, bool))) for i, s in enumerate(sizes)]
+    entry = summarize(np.stack([r.ious for r in records]), (0.8, 0.9), 5) | {
+        "seconds_per_click": 0.01, "seconds_per_click_p95": 0.02, "repeated_click_fraction": 0.0,
+        "repeated_user_click_fraction": 0.0, "adaptation_rollbacks": 0}
+    with caplog.at_level(logging.WARNING):
+        _log_to_wandb("test", "group", tmp_path, "fixed", dataset, records, entry, max_clicks=5)
+    assert "do not match" not in caplog.text
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    media = sorted(runs[0].rglob("media/images/worst_objects/*.png"))
+    assert len(media) == 6, media  # the three worst objects, their first and last masks
