@@ -226,8 +226,10 @@ def _evaluate(ckpt, importance, dataset, variant, name, adapt_dir, max_clicks, t
 def _wandb_run(project: str, group: str, out: Path, name: str):
     import wandb
 
+    # the mode as WANDB_MODE says now: wandb keeps the first run's settings for the process otherwise
     return wandb.init(project=project, name=name, group=group, dir=str(out), job_type="benchmark",
-                      reinit="finish_previous", settings=wandb.Settings(silent=True))
+                      mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous",
+                      settings=wandb.Settings(silent=True))
 
 
 def _overlay(image: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> np.ndarray:
