@@ -125,6 +125,19 @@ class CLI(LightningCLI):
         config = self.config_init["fit"]
         config["ckpt_path"] = resolve_checkpoint(config.get("ckpt_path"), folder)
 
+    def fit(self, model, ckpt_path: str | None = None, **kwargs) -> None:
+        """``trainer.fit``, unless the checkpoint resumed from is already at ``max_steps``: a
+        finished run run again (``make demo`` twice) then leaves its checkpoint, and with it the
+        digest its MAS importance and benchmark results are keyed by, untouched."""
+        import torch
+
+        if ckpt_path and self.trainer.max_steps > 0:
+            step = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0)
+            if step >= self.trainer.max_steps:
+                print(f"{ckpt_path} is trained to step {step} of {self.trainer.max_steps}: nothing to do", flush=True)
+                return
+        self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
+
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 """What every training run shares (``fit`` reads it before the run's ``--config``)."""

@@ -35,12 +35,16 @@ def test_checkpoint_carries_the_full_config(tiny_ckpt):
     assert (tiny_ckpt.parent.parent / "config.yaml").is_file()
 
 
-def test_resume_continues_from_last(tmp_path):
+def test_resume_continues_from_last(tmp_path, capsys):
     assert main(tiny_fit_args(tmp_path, steps=2)) == 0
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
     assert main(tiny_fit_args(tmp_path, steps=4) + ["--ckpt_path", str(last)]) == 0
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    finished = last.read_bytes()
+    assert main(tiny_fit_args(tmp_path, steps=4) + ["--ckpt_path", "last"]) == 0  # a finished run, run again
+    assert last.read_bytes() == finished  # untouched: its digest keys the MAS importance and benchmark results
+    assert "is trained to step 4 of 4: nothing to do" in capsys.readouterr().out
 
 
 def test_benchmark_writes_results_and_resumes(tiny_ckpt, tmp_path, capsys):
