@@ -205,7 +205,6 @@ def seed_spread(runs: dict[str, dict]) -> dict:
     run say how much the objects move a number; this says how much the training run does."""
     first = next(iter(runs.values()))
     protocol, ks = first["protocol"], _clicks_shown(first["protocol"]["max_clicks"])
-    keys = [f"noc@{threshold_key(t)}" for t in protocol["iou_thresholds"]] + [f"miou@{k}" for k in ks]
     table: dict = {}
     for ds, variants in first["results"].items():
         for variant in variants:
@@ -216,7 +215,7 @@ def seed_spread(runs: dict[str, dict]) -> dict:
             values.update({f"miou@{k}": [r["miou_at_click"][k - 1] for r in rows] for k in ks})
             table.setdefault(ds, {})[variant] = {
                 key: {"runs": v, "mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                      "min": float(np.min(v)), "max": float(np.max(v))} for key, v in values.items() if key in keys}
+                      "min": float(np.min(v)), "max": float(np.max(v))} for key, v in values.items()}
     return {"protocol": protocol, "data": first.get("data"),
             "runs": {name: {"checkpoint": r["model"]["checkpoint"], "sha256_16": r["model"]["sha256_16"]} for name, r in runs.items()},
             "results": table}
@@ -230,12 +229,13 @@ def spread_markdown(spread: dict) -> str:
     head = ["dataset", "variant", *[k.replace("noc", "NoC").replace("miou", "mIoU") for k in keys]]
     lines = [f"{len(spread['runs'])} runs ({', '.join(spread['runs'])}): mean ± sd [min, max] over the runs", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    def cell(v: dict, key: str) -> str:
+        d = 2 if key.startswith("noc") else 3
+        return f"{v['mean']:.{d}f} ± {v['sd']:.{d}f} [{v['min']:.{d}f}, {v['max']:.{d}f}]"
+
     for ds, variants in spread["results"].items():
         for variant, values in variants.items():
-            digits = lambda k: 2 if k.startswith("noc") else 3  # noqa: E731
-            lines.append("| " + " | ".join([ds, variant, *[
-                f"{values[k]['mean']:.{digits(k)}f} ± {values[k]['sd']:.{digits(k)}f} "
-                f"[{values[k]['min']:.{digits(k)}f}, {values[k]['max']:.{digits(k)}f}]" for k in keys]]) + " |")
+            lines.append("| " + " | ".join([ds, variant, *[cell(values[k], k) for k in keys]]) + " |")
     return "\n".join(lines) + "\n"
 
 
