@@ -32,6 +32,16 @@ class RunCheckpoint(ModelCheckpoint):
             self.dirpath = checkpoint_dir(trainer)
         super().setup(trainer, pl_module, stage)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The end of training is saved too (``step{N}.ckpt`` and ``last.ckpt``): for a length
+        that is no multiple of ``every_n_train_steps`` Lightning keeps the last multiple's weights
+        in ``last.ckpt`` (800 steps every 250: step 750's)."""
+        if self._should_skip_saving_checkpoint(trainer):
+            return super().on_train_end(trainer, pl_module)
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
 
 class RunEnvironment(Callback):
     """Keeps the run's environment (``modules.environment``: CPU, thread count, library

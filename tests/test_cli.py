@@ -207,7 +207,7 @@ def test_sigterm_stops_fit_and_benchmark_with_a_non_zero_exit(tiny_ckpt, tmp_pat
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
     for args in (tiny_fit_args(tmp_path / "fit", steps=2000),
                  ["benchmark", "--ckpt", str(tiny_ckpt), "--out_dir", str(tmp_path / "bench"), "--max_clicks", "20",
-                  "--data.test", f"[{synthetic('fundus', 200)}]", "--data.num_workers", "0"]):
+                  "--data.test", f"[{synthetic('fundus', 5000)}]", "--data.num_workers", "0"]):  # more than 25 s of work on any machine
         proc = subprocess.Popen([sys.executable, "-m", "lightning_app", *args], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(25)

@@ -2,7 +2,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.demos.boring_classes import BoringModel
 
-from callbacks.checkpoint import RunEnvironment
+from callbacks.checkpoint import RunCheckpoint, RunEnvironment
 from callbacks.progress import ProgressLog
 from modules.environment import environment
 
@@ -34,3 +34,14 @@ def test_a_checkpoint_keeps_its_environment_and_a_resume_elsewhere_says_what_dif
     assert len(out.strip().splitlines()) == 1
     RunEnvironment().load_state_dict({"cpu_threads": torch.get_num_threads()})  # an older checkpoint kept only the threads
     assert "note:" not in capsys.readouterr().out
+
+
+def test_the_end_of_training_is_checkpointed_when_the_length_is_no_multiple_of_the_interval(tmp_path):
+    trainer = pl.Trainer(max_steps=5, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[RunCheckpoint(every_n_train_steps=2)])
+    trainer.fit(BoringModel())
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step*.ckpt")) == ["step00002.ckpt", "step00004.ckpt", "step00005.ckpt"]
+    last = torch.load(folder / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 5  # not step 4's weights
+    assert all(torch.equal(v, trainer.lightning_module.state_dict()[k]) for k, v in last["state_dict"].items())
