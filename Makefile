@@ -12,6 +12,7 @@ EVOLVE_INIT ?= configs/evolve/init.yaml
 EVOLVE_CKPT ?= runs/evolve_init/checkpoints/last.ckpt
 STAGES ?=
 SEEDS ?= 0,1,2
+SPREAD_OUT ?= runs/spread
 comma := ,
 EVOLVE_STAGES := $(if $(STAGES),--stages [$(STAGES)])
 IMAGES ?= runs/app/images
@@ -57,7 +58,7 @@ train-paper: $(STAMP) ## paper A's 5-channel network with the same recipe (no pr
 benchmark: $(STAMP) ## fixed / IA / SA / IA+SA on 100 objects per domain, with 95% intervals -> runs/benchmark/
 	$(PY) -m lightning_app benchmark --config configs/benchmark.yaml --ckpt $(CKPT) --out_dir $(BENCH_OUT) $(ARGS)
 
-seeds: $(STAMP) ## train-init and benchmark with each of SEEDS (default 0,1,2; seed 0 is train-init's), then the spread over the models -> runs/spread/
+seeds: $(STAMP) ## train-init and benchmark with each of SEEDS (default 0,1,2; seed 0 is train-init's), then the spread over the models -> SPREAD_OUT (runs/spread/)
 	@set -e; runs=; for s in $(subst $(comma), ,$(SEEDS)); do \
 	  suffix=$$( [ "$$s" = 0 ] || echo _seed$$s ); root=runs/train_init$$suffix; \
 	  $(PY) -m lightning_app fit --config configs/train_init.yaml --seed_everything $$s --trainer.default_root_dir $$root \
@@ -65,7 +66,7 @@ seeds: $(STAMP) ## train-init and benchmark with each of SEEDS (default 0,1,2; s
 	  $(PY) -m lightning_app importance --ckpt $$root/checkpoints/last.ckpt; \
 	  $(PY) -m lightning_app benchmark --config configs/benchmark.yaml --ckpt $$root/checkpoints/last.ckpt --out_dir $(BENCH_OUT)$$suffix $(ARGS); \
 	  runs=$$runs,$(BENCH_OUT)$$suffix; \
-	done; $(PY) -m lightning_app spread --runs "[$${runs#,}]" --out_dir runs/spread
+	done; $(PY) -m lightning_app spread --runs "[$${runs#,}]" --out_dir $(SPREAD_OUT)
 
 adapt-sequence: $(STAMP) ## SA along a 500-object fundus sequence (its learning curve) -> runs/benchmark_sequence/
 	$(PY) -m lightning_app benchmark --config configs/benchmark_sequence.yaml --ckpt $(CKPT) $(ARGS)
