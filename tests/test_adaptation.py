@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from conftest import ROOT, synthetic
 from torch import nn
 from torch.utils.data import DataLoader
@@ -273,6 +274,9 @@ def test_variants_compose_without_restating(tmp_path):
     assert variant_callback("fixed", adapt).image is None
     for preset in sorted(adapt.rglob("*.yaml")):  # every shipped preset validates
         variant_callback(preset.relative_to(adapt).with_suffix("").as_posix(), adapt)
+    for config in sorted((ROOT / "configs").glob("*.yaml")):  # and every shipped benchmark's variants
+        for variant in yaml.safe_load(config.read_text()).get("variants", []):
+            variant_callback(variant, adapt)
     assert variant_callback("sa_mas", adapt).sequence.gamma == 0.01 and variant_callback("sa", adapt).sequence.gamma == 0.0
     inline = variant_callback({"name": "x", "image": "ia", "sequence": {"lr": 3e-5}}, adapt)
     assert inline.image == paper.image.__class__(**read_variant("ia", adapt)["image"]) and inline.sequence.lr == 3e-5
