@@ -68,18 +68,20 @@ def function_main(name: str, argv: list[str]):
     return FUNCTIONS[name](**{k: v for k, v in init.items() if k != "config"})
 
 
-def resolve_checkpoint(ckpt_path: str | None, checkpoint_dir: str | None) -> str | None:
-    """What ``fit --ckpt_path`` resumes from. ``last``: ``<checkpoint_dir>/last.ckpt`` when it
-    loads, else the newest ``step*.ckpt`` that loads (a kill while ``last.ckpt`` was first
-    written), else nothing (a fresh start); partial ``.tmp`` files of killed writes are removed.
-    A given path must exist and load."""
+def resolve_checkpoint(ckpt_path: str | None, checkpoint_dir: str | None) -> tuple[str, int] | None:
+    """What ``fit --ckpt_path`` resumes from, with its global step. ``last``:
+    ``<checkpoint_dir>/last.ckpt`` when it loads, else the newest ``step*.ckpt`` that loads (a
+    kill while ``last.ckpt`` was first written), else nothing (a fresh start); partial ``.tmp``
+    files of killed writes are removed. A given path must exist and load."""
     import torch
 
-    def loads(path: Path) -> bool:
+    def step(path: Path) -> int | None:
+        """The checkpoint's global step, ``None`` when it does not load as a Lightning checkpoint."""
         try:
-            return "state_dict" in torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
         except Exception:  # noqa: BLE001 (anything unreadable is no checkpoint)
-            return False
+            return None
+        return int(ckpt.get("global_step", 0)) if "state_dict" in ckpt else None
 
     if ckpt_path is None:
         return None
@@ -87,9 +89,9 @@ def resolve_checkpoint(ckpt_path: str | None, checkpoint_dir: str | None) -> str
         path = Path(ckpt_path)
         if not path.is_file():
             raise UserError(f"--ckpt_path '{ckpt_path}' does not exist (or use 'last' to resume a run when there is one)")
-        if not loads(path):
+        if (at := step(path)) is None:
             raise UserError(f"--ckpt_path '{ckpt_path}' is not a readable Lightning checkpoint")
-        return str(path)
+        return str(path), at
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     if folder is None or not folder.is_dir():
         return None
@@ -97,10 +99,10 @@ def resolve_checkpoint(ckpt_path: str | None, checkpoint_dir: str | None) -> str
         tmp.unlink(missing_ok=True)
     candidates = [folder / "last.ckpt"] + sorted(folder.glob("step*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates:
-        if path.is_file() and loads(path):
+        if path.is_file() and (at := step(path)) is not None:
             if path.name != "last.ckpt":
                 print(f"{folder / 'last.ckpt'} is missing or unreadable: resuming from {path}", file=sys.stderr)
-            return str(path)
+            return str(path), at
     return None
 
 
@@ -123,19 +125,15 @@ class CLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         folder = None if callback is None else (callback.dirpath or checkpoint_dir(self.trainer))
         config = self.config_init["fit"]
-        config["ckpt_path"] = resolve_checkpoint(config.get("ckpt_path"), folder)
+        config["ckpt_path"], self.resumed_step = resolve_checkpoint(config.get("ckpt_path"), folder) or (None, 0)
 
     def fit(self, model, ckpt_path: str | None = None, **kwargs) -> None:
         """``trainer.fit``, unless the checkpoint resumed from is already at ``max_steps``: a
         finished run run again (``make demo`` twice) then leaves its checkpoint, and with it the
         digest its MAS importance and benchmark results are keyed by, untouched."""
-        import torch
-
-        if ckpt_path and self.trainer.max_steps > 0:
-            step = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0)
-            if step >= self.trainer.max_steps:
-                print(f"{ckpt_path} is trained to step {step} of {self.trainer.max_steps}: nothing to do", flush=True)
-                return
+        if ckpt_path and 0 < self.trainer.max_steps <= self.resumed_step:
+            print(f"{ckpt_path} is trained to step {self.resumed_step} of {self.trainer.max_steps}: nothing to do", flush=True)
+            return
         self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
 
 
