@@ -102,7 +102,7 @@ def test_a_second_benchmark_on_the_same_folder_is_refused(tiny_ckpt, tmp_path):
 def test_print_config_is_complete():
     r = run_cli("fit", "--config", "configs/train_init.yaml", "--print_config")
     assert r.returncode == 0, r.stderr
-    assert "backbone: resnet10t" in r.stdout and "click_radius: 3.0" in r.stdout and "max_steps: 800" in r.stdout
+    assert "backbone: resnet10t" in r.stdout and "click_radius: 3.0" in r.stdout and "max_steps: 1500" in r.stdout
     r = run_cli("benchmark", "--config", "configs/benchmark.yaml", "--print_config")
     assert r.returncode == 0, r.stderr
     assert "test:" in r.stdout and "max_clicks: 20" in r.stdout
