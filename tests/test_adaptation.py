@@ -277,7 +277,7 @@ def test_variants_compose_without_restating(tmp_path):
     for config in sorted((ROOT / "configs").glob("*.yaml")):  # and every shipped benchmark's variants
         for variant in yaml.safe_load(config.read_text()).get("variants", []):
             variant_callback(variant, adapt)
-    assert variant_callback("sa_mas", adapt).sequence.gamma == 0.01 and variant_callback("sa", adapt).sequence.gamma == 0.0
+    assert variant_callback("sa_mas", adapt).sequence.gamma == 0.03 and variant_callback("sa", adapt).sequence.gamma == 0.0
     inline = variant_callback({"name": "x", "image": "ia", "sequence": {"lr": 3e-5}}, adapt)
     assert inline.image == paper.image.__class__(**read_variant("ia", adapt)["image"]) and inline.sequence.lr == 3e-5
     (tmp_path / "bad.yaml").write_text("image: {steps: 3, rate: 1}\n")
