@@ -9,6 +9,11 @@ All state lives in :class:`lightning_app.annotate.Annotator`; this module only m
 from __future__ import annotations
 
 import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +195,31 @@ def create_app(annotator: Annotator) -> FastAPI:
         return a.latency()
 
     return app
+
+
+@contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free port in a background thread (as ``make app`` does in
+    the foreground) and yield its base URL; the server stops when the block ends. A client then
+    gets each response as soon as it is sent, before the background tasks run (Starlette's
+    ``TestClient`` waits for them)."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the app's server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def serve_app(ckpt: str, images: str, out: str, mode: str = "ia_sa", host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -57,9 +57,9 @@ def app_benchmark(ckpt: str, data: dict[str, Any] = {"dataset": "synthetic", "do
             deferred adaptation runs in it).
         out: where the results go (JSON).
     """
-    from fastapi.testclient import TestClient
+    import httpx
 
-    from lightning_app.app import create_app
+    from lightning_app.app import create_app, serving
 
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -72,7 +72,7 @@ def app_benchmark(ckpt: str, data: dict[str, Any] = {"dataset": "synthetic", "do
         for mode in modes:
             annotator = Annotator(ckpt, str(folder), str(Path(tmp) / f"{mode}.json"), mode=mode)
             server, wall = [], []
-            with TestClient(create_app(annotator)) as client:
+            with serving(create_app(annotator)) as url, httpx.Client(base_url=url, timeout=60) as client:
                 for k in range(len(source)):
                     sample = source.get_sample(k)
                     client.post("/api/open", json={"image": k})

@@ -3,9 +3,7 @@ and a real headless browser clicking on the page."""
 import json
 import os
 import shutil
-import socket
 import threading
-import time
 from pathlib import Path
 
 import cv2
@@ -186,12 +184,6 @@ def test_concurrent_clicks_share_one_model_safely(client):
     assert not errors and len(client.get("/api/state").json()["clicks"]) == 6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def chromium():
     """A headless Chromium through Selenium; under CI a missing browser fails instead of skipping."""
     driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium")
@@ -212,25 +204,24 @@ def chromium():
 
 
 def test_a_real_browser_clicks_undoes_and_accepts(tiny_ckpt_with_importance, tmp_path):
-    import uvicorn
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    from lightning_app.app import create_app
+    from lightning_app.app import create_app, serving
 
     write_images(tmp_path / "images", n=2, size=96)
     out = tmp_path / "coco.json"
     annotator = make_annotator(tiny_ckpt_with_importance, tmp_path / "images", out, mode="ia_sa")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(annotator), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    with serving(create_app(annotator)) as url:
+        drive_the_page(url, annotator, out, tmp_path)
+
+
+def drive_the_page(url, annotator, out, tmp_path):
+    """Click, undo and accept in the page at ``url`` (served from ``annotator``) in a real browser."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     driver = chromium()
     try:
-        driver.get(f"http://127.0.0.1:{port}/")
+        driver.get(url + "/")
         wait = WebDriverWait(driver, 30)
         wait.until(lambda d: d.execute_script("return document.getElementById('canvas').width") == 96)
         canvas = driver.find_element(By.ID, "canvas")
@@ -264,8 +255,6 @@ def test_a_real_browser_clicks_undoes_and_accepts(tiny_ckpt_with_importance, tmp
         driver.save_screenshot(str(tmp_path / "page.png"))
     finally:
         driver.quit()
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_a_day_of_annotation_becomes_an_evolution_stage(client):
@@ -286,3 +275,18 @@ def test_a_day_of_annotation_becomes_an_evolution_stage(client):
     clicks = record_interactions(stage, client.tmp / "interactions.json", out / "coco.json.clicks.json")
     assert [[(c.y, c.x) for c in cs] for cs in clicks] == [[(32, 32), (25, 20)], [(30, 30)]]  # in the dataset's order
     assert (stage.get_sample(0).mask.sum(), stage.get_sample(1).mask.sum()) != (0, 0)
+
+
+def test_app_benchmark_times_a_real_server(tiny_ckpt_with_importance, tmp_path):
+    """``make app-benchmark`` clicks through HTTP on a uvicorn server: the round trip a browser
+    sees (which does not wait for the background IA step) and the server's own time per click."""
+    from lightning_app.app_benchmark import app_benchmark
+
+    out = tmp_path / "latency.json"
+    r = app_benchmark(str(tiny_ckpt_with_importance), {"dataset": "synthetic", "domain": "fundus", "length": 2, "seed": 7},
+                      modes=["fixed", "ia"], clicks=2, think_seconds=0.0, out=str(out))
+    assert json.loads(out.read_text()) == r
+    for mode in ("fixed", "ia"):
+        m = r["modes"][mode]
+        assert m["clicks"] == 4 and 0 < m["p50"] <= m["p95"] and m["http_p50"] >= m["p50"]
+    assert r["modes"]["fixed"]["p50_vs_fixed"] == 1.0
