@@ -223,11 +223,12 @@ def _evaluate(ckpt, importance, dataset, variant, name, adapt_dir, max_clicks, t
     return recorder.dataset(dataset.name), (adaptation.adapter.rollbacks if adaptation.adapter else 0)
 
 
-def _wandb_run(project: str, group: str, out: Path, name: str):
+def wandb_run(project: str, group: str, out: Path, name: str, job_type: str = "benchmark"):
+    """A wandb run in ``group`` writing under ``out`` (offline unless WANDB_MODE says otherwise)."""
     import wandb
 
     # the mode as WANDB_MODE says now: wandb keeps the first run's settings for the process otherwise
-    return wandb.init(project=project, name=name, group=group, dir=str(out), job_type="benchmark",
+    return wandb.init(project=project, name=name, group=group, dir=str(out), job_type=job_type,
                       mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous",
                       settings=wandb.Settings(silent=True))
 
@@ -250,7 +251,7 @@ def _log_to_wandb(project: str, group: str, out: Path, variant: str, dataset, re
     objects' first and last masks."""
     import wandb
 
-    run = _wandb_run(project, group, out, f"{variant}/{dataset.name}")
+    run = wandb_run(project, group, out, f"{variant}/{dataset.name}")
     run.config.update({"variant": variant, "dataset": dataset.name})
     run.define_metric("click")
     run.define_metric("miou", step_metric="click")
@@ -284,7 +285,7 @@ def _log_comparison(project: str, group: str, out: Path, results: dict) -> None:
 
     if not results["results"]:
         return
-    run = _wandb_run(project, group, out, "comparison")
+    run = wandb_run(project, group, out, "comparison")
     for ds, variants in results["results"].items():
         table = wandb.Table(columns=["variant", "click", "miou"],
                             data=[[v, k, m] for v, r in variants.items() for k, m in enumerate(r["miou_at_click"], start=1)])

@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from rich.progress import track
@@ -42,57 +42,78 @@ from datamodules.evolution import MaskFree, PairedObjects, PseudoLabelled, load_
 from datamodules.objects import ObjectSource, TrainObjects, image_to_tensor
 from datamodules.registry import Concat, build_source
 from lightning_app import report
-from lightning_app.benchmark import run_benchmark
+from lightning_app.benchmark import run_benchmark, wandb_run
 from lightning_app.checkpoints import file_digest, load_module
 from modules.errors import UserError
 from modules.evolution_module import EvolutionModule
 from modules.io import AtomicCheckpointIO, atomic_write_text
-from modules.ipt import IPT_COMPONENTS
-from modules.metrics import iou
-from modules.pseudo import PseudoLabelling, pseudo_label
+from modules.pseudo import PseudoLabelling, pseudo_mask_miou, pseudo_masks, table3_options
 
 Entry = dict[str, Any]
 
-IPT_TABLE = {  # paper B, Table 3: which prototypes, and whether the label maps vote
-    "coarse": ((), True),
-    "global": (("global",), False),
-    "centre": (("centre",), False),
-    "edge": (("edge",), False),
-    "global+centre+edge": (IPT_COMPONENTS, False),
-    "global+merged, vote": (IPT_COMPONENTS, True),
-}
+
+@dataclass(frozen=True)
+class StageTraining:
+    """How a stage trains (sec. 3.3, Eq. 11).
+
+    Args:
+        feature_alignment: feature-alignment and maximum-squares losses, Eq. 7-10 (else
+            self-training on the pseudo masks).
+        alignment_features: the backbone's deepest features (the paper's), unit-normalised per
+            pixel (``deep_unit``) or raw (``deep``), or the ``decoder``'s.
+        alignment_weight: weight of Eq. 7/8.
+        max_squares_weight: weight of Eq. 9/10.
+        unknown_terms: Eq. 8's terms for unknown classes (Table 5): global, pixel.
+        corrective_clicks: train with corrective clicks after the three too.
+        epochs: epochs per stage over the new dataset's objects (checkpointed each).
+        batch_size: pairs per step.
+        lr: SGD learning rate.
+        replay_final_weight: the earlier data's loss weight decays linearly to this.
+        warmup: share of the steps with a linear learning-rate warm-up.
+        freeze_norm: keep the previous model's normalisation statistics through the stage.
+        crop_size: training crop side.
+        train_max_side: long side photos are brought to before cropping (``None``: as drawn).
+    """
+
+    feature_alignment: bool = False
+    alignment_features: Literal["deep_unit", "deep", "decoder"] = "deep_unit"
+    alignment_weight: float = 1.0
+    max_squares_weight: float = 1.0
+    unknown_terms: tuple[Literal["global", "pixel"], ...] = ("global",)
+    corrective_clicks: bool = True
+    epochs: int = 6
+    batch_size: int = 8
+    lr: float = 0.002
+    replay_final_weight: float = 0.1
+    warmup: float = 0.0
+    freeze_norm: bool = False
+    crop_size: int = 128
+    train_max_side: int | None = None
+
+    def __post_init__(self):
+        for key, ok, expected in (("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                                  ("crop_size", self.crop_size >= 8, ">= 8"), ("lr", self.lr > 0, "> 0"),
+                                  ("warmup", 0 <= self.warmup < 1, "in [0, 1)"),
+                                  ("replay_final_weight", self.replay_final_weight >= 0, ">= 0")):
+            if not ok:
+                raise UserError(f"training.{key}={getattr(self, key)}: expected {expected}")
+
+    def module(self, previous, known_classes: int, seed: int) -> EvolutionModule:
+        """The stage's LightningModule, from the previous stage's model."""
+        keys = ("feature_alignment", "alignment_features", "alignment_weight", "max_squares_weight", "corrective_clicks",
+                "lr", "replay_final_weight", "warmup", "freeze_norm")
+        return EvolutionModule.from_previous(previous, known_classes, seed=seed, unknown_terms=tuple(self.unknown_terms),
+                                             **{k: getattr(self, k) for k in keys})
+
+    def pairs(self, new: PseudoLabelled, earlier: list[ObjectSource]) -> PairedObjects:
+        """Training pairs: each new object with an object of the earlier data (sec. 3.3)."""
+        view = lambda s: TrainObjects(s, self.crop_size, max_positive=1, max_negative=0, click_capacity=16,  # noqa: E731
+                                      max_side=self.train_max_side)  # the three clicks are placed in the step
+        return PairedObjects(view(new), [new.class_of(i) for i in range(len(new))], view(Concat(earlier)))
 
 
 def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def pseudo_masks(model, images: MaskFree, interactions: list, known_classes: int, options: PseudoLabelling,
-                 seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
-    """Coarse and refined pseudo masks and verdicts of every object (``modules.pseudo``)."""
-    model.eval()
-    coarse, refined, verdicts = [], [], []
-    for i in track(range(len(images)), description=f"pseudo masks {images.name}", transient=True):
-        image = image_to_tensor(images.get_image(i))[None].to(model.device)
-        c, r, v = pseudo_label(model, image, interactions[i], known_classes, np.random.default_rng([seed, i]), options)
-        coarse.append(c)
-        refined.append(r)
-        verdicts.append(v)
-    return coarse, refined, verdicts
-
-
-def pseudo_mask_quality(source: ObjectSource, masks: dict[str, list[np.ndarray]]) -> dict:
-    """mIoU of each set of pseudo masks against the ground truth, with its bootstrap interval
-    (paper B's Table 3). A measurement for the report; nothing trains on it."""
-    from modules.metrics import bootstrap_interval
-
-    samples = [source.get_sample(i) for i in range(len(source))]
-    out = {}
-    for name, ms in masks.items():
-        ious = [iou(m, s.mask, s.ignore) if (m.any() or s.mask.any()) else 1.0 for m, s in zip(ms, samples)]
-        out[name] = {"miou": float(np.mean(ious)), "ci95": bootstrap_interval(np.asarray(ious))}
-    out["n_objects"] = len(samples)
-    return out
 
 
 class Stage:
@@ -121,29 +142,42 @@ class Stage:
             print(f"stage '{self.name}': earlier work moved to {aside}")
         atomic_write_text(marker, json.dumps({"key": self.key, "settings": self.settings}, indent=1, default=str) + "\n")
 
+    def interactions(self, source: ObjectSource, clicks_file: str | None) -> list:
+        """The users' clicks on the stage's objects (``interactions.json``, recorded once)."""
+        return record_interactions(source, self.folder / "interactions.json", clicks_file)
+
+    def pseudo_masks(self, previous: str, images: MaskFree, interactions: list, known: int, options: PseudoLabelling,
+                     seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+        """``modules.pseudo.pseudo_masks`` of the stage's objects with the previous model."""
+        tensors = (image_to_tensor(images.get_image(i)) for i in
+                   track(range(len(images)), description=f"pseudo masks {images.name}", transient=True))
+        return pseudo_masks(load_module(previous), tensors, interactions, known, options, seed)
+
     def masks(self, previous: str, source: ObjectSource, known: int, options: PseudoLabelling, supervision: str,
               clicks_file: str | None, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+        """The stage's coarse and refined masks and verdicts (``pseudo.npz``, made once)."""
         path = self.folder / "pseudo.npz"
         if not path.is_file():
             if supervision == "ground_truth":  # the upper bound: masks from the annotation, no clicks
                 truth = [source.get_sample(i).mask for i in range(len(source))]
                 save_pseudo_masks(path, truth, truth, [-1] * len(truth))
             else:
-                interactions = record_interactions(source, self.folder / "interactions.json", clicks_file)
-                save_pseudo_masks(path, *pseudo_masks(load_module(previous), MaskFree(source), interactions, known,
-                                                      options, seed))
+                interactions = self.interactions(source, clicks_file)
+                save_pseudo_masks(path, *self.pseudo_masks(previous, MaskFree(source), interactions, known, options, seed))
         return load_pseudo_masks(path)
 
-    def train(self, module: EvolutionModule, pairs: PairedObjects, epochs: int, batch_size: int, num_workers: int,
+    def train(self, module: EvolutionModule, pairs: PairedObjects, training: StageTraining, num_workers: int,
               accelerator: str, wandb_project: str, group: str, seed: int) -> None:
-        if len(pairs) < batch_size:
-            raise UserError(f"stage '{self.name}': {len(pairs)} objects with a pseudo mask, fewer than batch_size={batch_size}")
+        """Train (or resume) the stage and export ``model.ckpt``."""
+        if len(pairs) < training.batch_size:
+            raise UserError(f"stage '{self.name}': {len(pairs)} objects with a pseudo mask, fewer than "
+                            f"training.batch_size={training.batch_size}")
         pl.seed_everything(seed, workers=True, verbose=False)
-        loader = DataLoader(pairs, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
+        loader = DataLoader(pairs, batch_size=training.batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
                             persistent_workers=num_workers > 0)
         last = self.folder / "checkpoints" / "last.ckpt"
         trainer = pl.Trainer(
-            accelerator=accelerator, devices=1, max_epochs=epochs, default_root_dir=str(self.folder),
+            accelerator=accelerator, devices=1, max_epochs=training.epochs, default_root_dir=str(self.folder),
             logger=WandbLogger(project=wandb_project, name=f"evolve/{self.name}", group=group, save_dir=str(self.folder),
                                job_type="evolve"),
             callbacks=[ModelCheckpoint(dirpath=last.parent, filename="{epoch}", save_last=True, every_n_epochs=1,
@@ -156,6 +190,45 @@ class Stage:
         if trainer.logger is not None and hasattr(trainer.logger, "experiment"):
             trainer.logger.experiment.finish()
         module.export(self.model_path)
+
+
+def check_stages(stages: list[str], catalog: dict[str, dict[str, Any]], supervision: str) -> None:
+    unknown = [s for s in stages if s not in catalog]
+    if unknown:
+        raise UserError(f"stages: unknown dataset(s) {unknown} (expected names from catalog: {sorted(catalog)})")
+    if len(set(stages)) != len(stages) or not stages:
+        raise UserError(f"stages={stages}: expected at least one, each once")
+    for name in stages:
+        missing = {"train", "test"} - set(catalog[name])
+        if missing:
+            raise UserError(f"catalog.{name}: missing key(s) {sorted(missing)}")
+    if supervision not in ("clicks", "ground_truth"):
+        raise UserError(f"supervision='{supervision}': expected clicks or ground_truth")
+
+
+def initial_model(init_ckpt: str) -> int:
+    """The known classes of the initial model, after checking it is one."""
+    h = load_module(init_ckpt).hparams
+    if h.num_classes < 1 or h.click_protocol != "three_click":
+        raise UserError(f"checkpoint '{init_ckpt}' is not an evolution initial model (needs click_protocol: three_click "
+                        f"and num_classes >= 1; train one with `make evolve-init`)")
+    return h.num_classes
+
+
+def open_results(out: Path, init_key: dict, method: dict, fresh: bool) -> dict:
+    """``results.json`` of this evolution: what an earlier run of the same initial model and
+    method left (a resume), else empty; another one's is refused (or, with ``fresh``, dropped)."""
+    init_key, method = (json.loads(json.dumps(d, default=str)) for d in (init_key, method))  # as results.json holds them
+    results = report.read_results(out) or {}
+    if results and (results.get("init"), results.get("method")) != (init_key, method):
+        if not fresh:
+            raise UserError(f"{out / report.RESULTS} belongs to another initial model or method: use another --out_dir "
+                            "(or --fresh true)")
+        results = {}
+    results.update({"init": init_key, "method": method})
+    for key in ("table", "objects", "pseudo_masks", "seconds"):
+        results.setdefault(key, {})
+    return results
 
 
 def run_evolution(
@@ -171,28 +244,14 @@ def run_evolution(
     source_test: Entry = {"dataset": "synthetic", "domain": "source", "length": 300, "seed": 2},  # noqa: B006
     out_dir: str = "runs/evolve",
     supervision: Literal["clicks", "ground_truth"] = "clicks",
-    ipt: bool = True,
-    ipt_options: dict[str, Any] = {},  # noqa: B006
-    ipt_table: bool = False,
-    feature_alignment: bool = False,
-    alignment_features: Literal["deep_unit", "deep", "decoder"] = "deep_unit",
-    alignment_weight: float = 1.0,
-    max_squares_weight: float = 1.0,
-    unknown_terms: list[str] = ["global"],  # noqa: B006
-    corrective_clicks: bool = True,
-    epochs: int = 6,
-    batch_size: int = 8,
-    lr: float = 0.002,
-    replay_final_weight: float = 0.1,
-    warmup: float = 0.0,
-    freeze_norm: bool = False,
-    crop_size: int = 128,
-    train_max_side: int | None = None,
-    num_workers: int = 1,
+    pseudo: PseudoLabelling = PseudoLabelling(),
+    training: StageTraining = StageTraining(),
     min_area: int | None = None,
     max_clicks: int = 20,
     iou_thresholds: list[float] = [0.85, 0.9],  # noqa: B006
     measure_pseudo_masks: bool = True,
+    ipt_table: bool = False,
+    num_workers: int = 1,
     fresh: bool = False,
     seed: int = 0,
     accelerator: str = "auto",
@@ -213,75 +272,31 @@ def run_evolution(
         out_dir: stage folders, results.json, table.csv, table.md, table.png, wandb.
         supervision: ``clicks`` (the method) or ``ground_truth`` (the upper bound: the stage
             trains on the true masks).
-        ipt: refine the pseudo masks with the IPT module (else train on the coarse masks).
-        ipt_options: overrides of ``modules.pseudo.PseudoLabelling`` (m, n, window, ...).
-        ipt_table: also measure the pseudo masks of every row of paper B's Table 3.
-        feature_alignment: feature-alignment and maximum-squares losses (else self-training).
-        alignment_features: the backbone's deepest features (the paper's), unit-normalised per
-            pixel (``deep_unit``) or raw (``deep``), or the ``decoder``'s.
-        alignment_weight: weight of Eq. 7/8.
-        max_squares_weight: weight of Eq. 9/10.
-        unknown_terms: Eq. 8's terms for unknown classes (Table 5): global, pixel.
-        corrective_clicks: train stages with corrective clicks after the three too.
-        epochs: training epochs per stage over the new dataset's objects (checkpointed each).
-        batch_size: pairs per step.
-        lr: SGD learning rate of the stages.
-        replay_final_weight: the earlier data's loss weight decays linearly to this.
-        warmup: share of each stage's steps with a linear learning-rate warm-up.
-        freeze_norm: keep the previous model's normalisation statistics through each stage.
-        crop_size: training crop side.
-        train_max_side: long side photos are brought to before cropping (``None``: as drawn).
-        num_workers: dataloader workers.
+        pseudo: how the pseudo masks are made (``pseudo.ipt``: refine them with IPT; IPT's
+            parameters; ``modules.pseudo.PseudoLabelling``).
+        training: how each stage trains (``StageTraining``).
         min_area: objects below this many pixels are skipped (``None``: the data config's default).
         max_clicks: clicks per object in the benchmark (the three count).
         iou_thresholds: NoC targets.
         measure_pseudo_masks: report pseudo-mask mIoU against the ground truth (Table 3).
+        ipt_table: measure the pseudo masks of every row of paper B's Table 3.
+        num_workers: dataloader workers.
         fresh: move aside stage folders made with other settings instead of stopping.
         seed: seed of IPT's point sampling, of the classifier's new output and of training.
         accelerator: Lightning accelerator.
         wandb_project: wandb project (offline unless WANDB_MODE says otherwise).
     """
-    unknown = [s for s in stages if s not in catalog]
-    if unknown:
-        raise UserError(f"stages: unknown dataset(s) {unknown} (expected names from catalog: {sorted(catalog)})")
-    if len(set(stages)) != len(stages) or not stages:
-        raise UserError(f"stages={stages}: expected at least one, each once")
-    for name in stages:
-        missing = {"train", "test"} - set(catalog[name])
-        if missing:
-            raise UserError(f"catalog.{name}: missing key(s) {sorted(missing)}")
-    if supervision not in ("clicks", "ground_truth"):
-        raise UserError(f"supervision='{supervision}': expected clicks or ground_truth")
-    try:
-        options = PseudoLabelling(ipt=ipt, **ipt_options)
-    except TypeError as e:
-        raise UserError(f"ipt_options: {e}") from e
-    init = load_module(init_ckpt)
-    h = init.hparams
-    if h.num_classes < 1 or h.click_protocol != "three_click":
-        raise UserError(f"checkpoint '{init_ckpt}' is not an evolution initial model (needs click_protocol: three_click "
-                        f"and num_classes >= 1; train one with `make evolve-init`)")
-    known = h.num_classes
+    check_stages(stages, catalog, supervision)
+    known = initial_model(init_ckpt)
     out = Path(out_dir)
-    method = {"supervision": supervision, "pseudo": options.__dict__, "feature_alignment": feature_alignment,
-              "alignment_features": alignment_features, "alignment_weight": alignment_weight,
-              "max_squares_weight": max_squares_weight, "unknown_terms": list(unknown_terms),
-              "corrective_clicks": corrective_clicks, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-              "replay_final_weight": replay_final_weight, "warmup": warmup, "freeze_norm": freeze_norm, "crop_size": crop_size, "seed": seed}
+    method = {"supervision": supervision, "pseudo": asdict(pseudo), **asdict(training), "seed": seed}
     init_key = {"checkpoint": str(init_ckpt), "sha256_16": file_digest(init_ckpt), "source_replay": source_replay}
-    method, init_key = (json.loads(json.dumps(d, default=str)) for d in (method, init_key))  # as results.json holds them
-    results = report.read_results(out) or {}
-    if results and (results.get("init"), results.get("method")) != (init_key, method):
-        if not fresh:
-            raise UserError(f"{out / report.RESULTS} belongs to another initial model or method: use another --out_dir "
-                            "(or --fresh true)")
-        results = {}
-    results.update({"init": init_key, "method": method, "stages": list(stages),
-                    "protocol": {"max_clicks": max_clicks, "iou_thresholds": list(iou_thresholds), "initial_clicks": 3}})
-    for key in ("table", "objects", "pseudo_masks", "seconds"):
-        results.setdefault(key, {})
+    results = open_results(out, init_key, method, fresh)
+    results.update({"stages": list(stages), "protocol": {"max_clicks": max_clicks, "iou_thresholds": list(iou_thresholds),
+                                                         "initial_clicks": 3}})
     group = out.resolve().name
     tests = {"source": source_test} | {name: catalog[name]["test"] for name in stages}
+
     def evaluate(ckpt: str, names: list[str], folder: Path, label: str) -> None:
         row, objects = _evaluate(ckpt, {k: tests[k] for k in names}, folder, num_workers, min_area, max_clicks,
                                  iou_thresholds, accelerator, wandb_project, group)
@@ -298,26 +313,22 @@ def run_evolution(
         key = stage.key
         start, worked = time.perf_counter(), not stage.model_path.is_file()
         train_source = build_source(catalog[name]["train"], f"catalog.{name}.train", min_area)
-        coarse, refined, verdicts = stage.masks(previous, train_source, known, options, supervision,
+        coarse, refined, verdicts = stage.masks(previous, train_source, known, pseudo, supervision,
                                                 catalog[name].get("clicks"), seed)
-        masks = refined if ipt else coarse
+        masks = refined if pseudo.ipt else coarse
         if measure_pseudo_masks and name not in results["pseudo_masks"]:
             sets = {"coarse": coarse, "refined": refined}
             if ipt_table and supervision == "clicks":
-                sets = _ipt_table(previous, train_source, stage, known, options, seed)
-            results["pseudo_masks"][name] = pseudo_mask_quality(train_source, sets)
+                interactions = stage.interactions(train_source, catalog[name].get("clicks"))
+                sets = {row: stage.pseudo_masks(previous, MaskFree(train_source), interactions, known, options, seed)[1]
+                        for row, options in table3_options(pseudo).items()}
+            truths = [(s.mask, s.ignore) for s in map(train_source.get_sample, range(len(train_source)))]
+            results["pseudo_masks"][name] = pseudo_mask_miou(sets, truths)  # measured for the report only
             report.write_results(out, results)
         new = PseudoLabelled(MaskFree(train_source), masks, verdicts)
         if not stage.model_path.is_file():
-            module = EvolutionModule.from_previous(
-                load_module(previous), known, seed=seed, feature_alignment=feature_alignment, alignment_features=alignment_features,
-                alignment_weight=alignment_weight, max_squares_weight=max_squares_weight,
-                unknown_terms=tuple(unknown_terms), corrective_clicks=corrective_clicks, lr=lr,
-                replay_final_weight=replay_final_weight, warmup=warmup, freeze_norm=freeze_norm)
-            view = lambda s: TrainObjects(s, crop_size, max_positive=1, max_negative=0, click_capacity=16,  # noqa: E731
-                                          max_side=train_max_side)  # the three clicks are placed in the step
-            pairs = PairedObjects(view(new), [new.class_of(i) for i in range(len(new))], view(Concat(earlier)))
-            stage.train(module, pairs, epochs, batch_size, num_workers, accelerator, wandb_project, group, seed + t)
+            stage.train(training.module(load_module(previous), known, seed), training.pairs(new, earlier), training,
+                        num_workers, accelerator, wandb_project, group, seed + t)
         if worked:  # a rerun that finds the stage done adds nothing to its time
             results["seconds"][name] = results["seconds"].get(name, 0.0) + time.perf_counter() - start
         evaluate(str(stage.model_path), ["source"] + stages[:t], stage.folder, f"+{name}")
@@ -325,23 +336,10 @@ def run_evolution(
         earlier.append(PseudoLabelled(MaskFree(train_source), masks, verdicts, name))
 
     files = report.write_evolution(out, results)
-    _log_table(results, wandb_project, group)
+    _log_table(results, wandb_project, group, out)
     report.print_evolution(results)
     print(f"results: {out / report.RESULTS}  also: {', '.join(str(f) for f in files)}")
     return results
-
-
-def _ipt_table(previous: str, source: ObjectSource, stage: Stage, known: int, options: PseudoLabelling,
-               seed: int) -> dict[str, list[np.ndarray]]:
-    """The pseudo masks of every row of Table 3, from the same clicks."""
-    interactions = record_interactions(source, stage.folder / "interactions.json")
-    model = load_module(previous)
-    sets = {}
-    for row, (components, vote) in IPT_TABLE.items():
-        row_options = PseudoLabelling(**(options.__dict__ | {"ipt": bool(components), "components": components, "vote": vote}))
-        _, refined, _ = pseudo_masks(model, MaskFree(source), interactions, known, row_options, seed)
-        sets[row] = refined
-    return sets
 
 
 def _evaluate(ckpt: str, tests: dict[str, Entry], folder: Path, num_workers: int, min_area: int | None, max_clicks: int,
@@ -362,11 +360,10 @@ def _evaluate(ckpt: str, tests: dict[str, Entry], folder: Path, num_workers: int
     return row, objects
 
 
-def _log_table(results: dict, project: str, group: str) -> None:
+def _log_table(results: dict, project: str, group: str, out: Path) -> None:
     import wandb
 
-    run = wandb.init(project=project, name="evolve/table", group=group, job_type="evolve", reinit="finish_previous",
-                     settings=wandb.Settings(silent=True))
+    run = wandb_run(project, group, out, "evolve/table", job_type="evolve")
     columns = ["model", "dataset", "miou_3click"] + [f"noc@{t}" for t in next(iter(next(iter(results["table"].values())).values()))["noc"]]
     rows = [[m, d, c["miou_3click"], *c["noc"].values()] for m, row in results["table"].items() for d, c in row.items()]
     run.log({"evolution_table": wandb.Table(columns=columns, data=rows)})

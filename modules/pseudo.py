@@ -1,17 +1,23 @@
-"""Paper B's pseudo mask of one object (sec. 3.2): the model's coarse mask from the user's clicks,
-refined by the interactive-prototype module (``modules.ipt``) in a window around the clicks that
-is zoomed to the network's resolution, and the classifier's verdict on the object's class."""
+"""Paper B's pseudo masks (sec. 3.2), the pipeline of an evolution stage as pure functions: the
+model's coarse mask of one object from the user's clicks, refined by the interactive-prototype
+module (``modules.ipt``) in a window around the clicks that is zoomed to the network's
+resolution, and the classifier's verdict on the object's class (:func:`pseudo_label`); the same
+for a dataset (:func:`pseudo_masks`); the rows of the paper's Table 3 (:data:`TABLE3`) and their
+quality against the ground truth (:func:`pseudo_mask_miou`), a measurement nothing trains on."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from modules.clicks import Click, clicks_in_view
+from modules.errors import UserError
 from modules.evolution import known_class
 from modules.ipt import IPT_COMPONENTS, click_window, refine_pseudo_mask
+from modules.metrics import bootstrap_interval, iou
 from modules.session import network_size
 
 
@@ -45,6 +51,16 @@ class PseudoLabelling:
     iterations: int = 3
     radius: float = 10.0
     known_threshold: float = 0.5
+
+    def __post_init__(self):
+        unknown = set(self.components) - set(IPT_COMPONENTS)
+        if unknown:
+            raise UserError(f"pseudo.components: unknown {sorted(unknown)} (expected some of {list(IPT_COMPONENTS)})")
+        for key in ("m", "n", "known_threshold"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise UserError(f"pseudo.{key}={getattr(self, key)}: expected a value in (0, 1]")
+        if self.context < 0 or self.points < 0 or self.kernel < 1 or self.iterations < 0 or self.radius <= 0:
+            raise UserError("pseudo: expected context >= 0, points >= 0, kernel >= 1, iterations >= 0, radius > 0")
 
     def ipt_options(self) -> dict:
         return {k: getattr(self, k) for k in ("m", "n", "centre_weight", "edge_weight", "points", "kernel",
@@ -89,3 +105,48 @@ def pseudo_label(model, image: torch.Tensor, clicks: list[Click], known_classes:
 
     verdict = int(known_class(out["classes"], known_classes, options.known_threshold)[0])
     return back(coarse), back(refined), verdict
+
+
+def pseudo_masks(model, images: Iterable[torch.Tensor], interactions: Sequence[list[Click]], known_classes: int,
+                 options: PseudoLabelling, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """:func:`pseudo_label` of every object: ``images`` yields each one's ``(3, H, W)`` image, in
+    the order of ``interactions``; object ``i`` draws IPT's points from ``[seed, i]``. Returns the
+    coarse masks, the refined masks and the verdicts."""
+    model.eval()
+    coarse, refined, verdicts = [], [], []
+    for i, (image, clicks) in enumerate(zip(images, interactions)):
+        c, r, v = pseudo_label(model, image[None].to(model.device), clicks, known_classes, np.random.default_rng([seed, i]),
+                               options)
+        coarse.append(c)
+        refined.append(r)
+        verdicts.append(v)
+    return coarse, refined, verdicts
+
+
+TABLE3 = {  # paper B, Table 3: which prototypes, whether the label maps vote; and where IPT looks
+    "coarse": {"components": (), "vote": True},
+    "global": {"components": ("global",), "vote": False},
+    "centre": {"components": ("centre",), "vote": False},
+    "edge": {"components": ("edge",), "vote": False},
+    "global+centre+edge": {"components": IPT_COMPONENTS, "vote": False},
+    "global+merged, vote": {"components": IPT_COMPONENTS, "vote": True},
+    "coarse, whole image": {"components": (), "vote": True, "window": False},
+    "global+merged, vote, whole image": {"components": IPT_COMPONENTS, "vote": True, "window": False},
+}
+
+
+def table3_options(options: PseudoLabelling) -> dict[str, PseudoLabelling]:
+    """``options`` changed into each row of :data:`TABLE3` (the first six in the window around
+    the clicks, the paper's crops, whatever ``options.window`` says)."""
+    return {row: replace(options, **({"window": True} | change), ipt=bool(change["components"]))
+            for row, change in TABLE3.items()}
+
+
+def pseudo_mask_miou(masks: dict[str, Sequence[np.ndarray]], truths: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """mIoU of each named set of pseudo masks against the ground truth ``(mask, ignore)`` of the
+    same objects, with its bootstrap 95 % interval (paper B's Table 3), and ``n_objects``."""
+    out = {}
+    for name, ms in masks.items():
+        ious = [iou(m, gt, ignore) if (m.any() or gt.any()) else 1.0 for m, (gt, ignore) in zip(ms, truths)]
+        out[name] = {"miou": float(np.mean(ious)), "ci95": bootstrap_interval(np.asarray(ious))}
+    return out | {"n_objects": len(truths)}

@@ -219,8 +219,8 @@ def evolve_args(ckpt, out, stages="[fundus, rooftop]", epochs=2):
     catalog_yaml = "{" + ", ".join(f"{d}: {{train: {v['train']}, test: {v['test']}}}" for d, v in catalog.items()) + "}"
     return ["evolve", "--config", str(ROOT / "configs/evolve.yaml"), "--init_ckpt", str(ckpt), "--out_dir", str(out),
             "--stages", stages, "--catalog", catalog_yaml, "--source_replay", entry("source", 12, 0),
-            "--source_test", entry("source", 3, 2), "--epochs", str(epochs), "--batch_size", "2", "--num_workers", "0",
-            "--crop_size", "64", "--min_area", "16", "--max_clicks", "5"]
+            "--source_test", entry("source", 3, 2), "--training.epochs", str(epochs), "--training.batch_size", "2", "--num_workers", "0",
+            "--training.crop_size", "64", "--min_area", "16", "--max_clicks", "5"]
 
 
 def test_heads_and_three_click_training(evolve_init_ckpt):
@@ -246,7 +246,7 @@ def test_a_stage_never_reads_its_datasets_masks(evolve_init_ckpt, tmp_path, monk
     i = args.index("--catalog")
     args[i + 1] = ("{fundus: {train: {dataset: guarded, domain: fundus, length: 12, seed: 5, size: 64}, "
                    f"test: {synthetic('fundus', 3, 2)}}}}}")
-    assert main(args + ["--measure_pseudo_masks", "false", "--freeze_norm", "true"]) == 0
+    assert main(args + ["--measure_pseudo_masks", "false", "--training.freeze_norm", "true"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["table"]) == {"init", "+fundus"}
     # freeze_norm: the stage trained the weights but kept the initial model's normalisation statistics
@@ -264,7 +264,7 @@ def test_a_stage_is_reproducible(evolve_init_ckpt, tmp_path):
 
     runs = [tmp_path / "a", tmp_path / "b"]
     for out in runs:
-        assert main(evolve_args(evolve_init_ckpt, out, stages="[rooftop]", epochs=1) + ["--warmup", "0.5", "--feature_alignment", "true"]) == 0
+        assert main(evolve_args(evolve_init_ckpt, out, stages="[rooftop]", epochs=1) + ["--training.warmup", "0.5", "--training.feature_alignment", "true"]) == 0
     a, b = (torch.load(out / "stage1_rooftop" / "model.ckpt", map_location="cpu", weights_only=False)["state_dict"]
             for out in runs)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -314,10 +314,65 @@ def test_evolution_sequence_table_and_resume_after_kill(evolve_init_ckpt, tmp_pa
     assert json.loads((out / "results.json").read_text())["table"] == results["table"]
 
 
-def test_evolve_bad_input(evolve_init_ckpt, tmp_path):
+def test_pseudo_masks_of_a_dataset_and_table3_rows(evolve_init_ckpt):
+    from dataclasses import replace
+
+    from datamodules.objects import image_to_tensor
+    from lightning_app.checkpoints import load_module
+    from modules.pseudo import TABLE3, PseudoLabelling, pseudo_mask_miou, pseudo_masks, table3_options
+
+    model = load_module(evolve_init_ckpt)
+    source = SyntheticObjects("fundus", 3, 5, size=64, min_area=16)
+    samples = [source.get_sample(i) for i in range(len(source))]
+    clicks = [three_click_protocol(s.mask) for s in samples]
+    runs = [pseudo_masks(model, (image_to_tensor(s.image) for s in samples), clicks, 4, PseudoLabelling(), seed=0)
+            for _ in range(2)]
+    coarse, refined, verdicts = runs[0]
+    assert len(coarse) == len(refined) == len(verdicts) == 3 and coarse[0].shape == samples[0].mask.shape
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))  # each object's points from [seed, i]
+
+    rows = table3_options(PseudoLabelling(window=False))
+    assert list(rows) == list(TABLE3) and not rows["coarse"].ipt and rows["global+merged, vote"].ipt
+    assert rows["global"].components == ("global",) and not rows["global"].vote
+    assert rows["coarse"].window and not rows["coarse, whole image"].window  # the paper's rows in the window
+    assert rows["global+merged, vote, whole image"] == replace(PseudoLabelling(), window=False)
+
+    truths = [(s.mask, s.ignore) for s in samples]
+    q = pseudo_mask_miou({"truth": [s.mask for s in samples], "empty": [np.zeros_like(s.mask) for s in samples],
+                          "coarse": coarse}, truths)
+    assert q["n_objects"] == 3 and q["truth"]["miou"] == 1.0 and q["empty"]["miou"] == 0.0
+    assert q["coarse"]["miou"] == pytest.approx(np.mean([iou(c, s.mask, s.ignore) for c, s in zip(coarse, samples)]))
+
+
+@pytest.mark.parametrize("row,pseudo_ipt,alignment,terms", [
+    ("st", False, False, ["global"]), ("st_ipt", True, False, ["global"]), ("st_fa", False, True, ["global"]),
+    ("st_ipt_fa", True, True, ["global"]), ("table5_pixel", True, True, ["pixel"]),
+    ("table5_global_pixel", True, True, ["global", "pixel"]), ("upper", True, False, ["global"])])
+def test_ablation_configs_change_only_their_rows_keys(row, pseudo_ipt, alignment, terms):
+    """Each ``configs/evolve/<row>.yaml`` layered on ``configs/evolve.yaml`` sets its Table 3-5
+    keys and keeps every other one of the stage (the groups merge key by key)."""
+    from lightning_app.cli import function_parser
+
+    parser = function_parser("evolve")
+    base = parser.parse_args(["--config", str(ROOT / "configs/evolve.yaml")])
+    cfg = parser.parse_args(["--config", str(ROOT / "configs/evolve.yaml"), "--config", str(ROOT / f"configs/evolve/{row}.yaml")])
+    assert cfg.pseudo.ipt is pseudo_ipt and cfg.training.feature_alignment is alignment
+    assert list(cfg.training.unknown_terms) == terms and cfg.out_dir == f"runs/evolve_ablation/{row}"
+    assert cfg.training.replay_final_weight == base.training.replay_final_weight == 1.0
+    assert cfg.pseudo.window == base.pseudo.window and cfg.training.lr == base.training.lr
+    assert cfg.supervision == ("ground_truth" if row == "upper" else "clicks")
+
+
+def test_evolve_bad_input(evolve_init_ckpt, tmp_path, capsys):
     from lightning_app.cli import main
 
     assert main(evolve_args(evolve_init_ckpt, tmp_path, stages="[mars]")) == 2
+    for option, message in ((["--pseudo.m", "1.5"], "pseudo.m=1.5: expected a value in (0, 1]"),
+                            (["--pseudo.components", "[global, corner]"], "pseudo.components: unknown ['corner']"),
+                            (["--training.epochs", "0"], "training.epochs=0: expected >= 1")):
+        capsys.readouterr()
+        assert main(evolve_args(evolve_init_ckpt, tmp_path, stages="[fundus]") + option) == 2
+        assert message in capsys.readouterr().err
     plain = tmp_path / "plain"
     assert main(tiny_fit_args(plain, steps=1)) == 0
     assert main(evolve_args(plain / "checkpoints" / "last.ckpt", tmp_path, stages="[fundus]")) == 2
@@ -423,7 +478,7 @@ def test_evolve_cityscapes_then_coco_from_a_voc_model_resumes_after_a_kill(tmp_p
     args = [sys.executable, "-m", "lightning_app", "evolve", "--config", "configs/evolve.yaml",
             "--init_ckpt", str(init / "checkpoints" / "last.ckpt"), "--out_dir", str(out), "--stages", "[cityscapes, coco]",
             "--source_replay", "{dataset: voc, split: train}", "--source_test", "{dataset: voc, split: val}",
-            "--epochs", "6", "--batch_size", "2", "--crop_size", "64", "--train_max_side", "64", "--min_area", "16",
+            "--training.epochs", "6", "--training.batch_size", "2", "--training.crop_size", "64", "--training.train_max_side", "64", "--min_area", "16",
             "--num_workers", "0", "--max_clicks", "4"]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     epoch = out / "stage1_cityscapes" / "checkpoints" / "epoch=1.ckpt"
@@ -441,6 +496,6 @@ def test_evolve_cityscapes_then_coco_from_a_voc_model_resumes_after_a_kill(tmp_p
     assert list(results["table"]) == ["init", "+cityscapes", "+coco"]
     assert set(results["table"]["+coco"]) == {"source", "cityscapes", "coco"}
     assert results["pseudo_masks"]["coco"]["n_objects"] == 12
-    changed = subprocess.run(args[:-2] + ["--max_clicks", "4", "--epochs", "7"], cwd=ROOT, env=env, capture_output=True,
+    changed = subprocess.run(args[:-2] + ["--max_clicks", "4", "--training.epochs", "7"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
     assert changed.returncode == 2 and "belongs to another initial model or method" in changed.stderr
