@@ -68,7 +68,7 @@ class StageTraining:
         epochs: epochs per stage over the new dataset's objects (checkpointed each).
         batch_size: pairs per step.
         lr: SGD learning rate.
-        replay_final_weight: the earlier data's loss weight decays linearly to this.
+        replay_final_weight: the earlier data's loss weight moves linearly from 1 to this.
         warmup: share of the steps with a linear learning-rate warm-up.
         freeze_norm: keep the previous model's normalisation statistics through the stage.
         crop_size: training crop side.

@@ -74,8 +74,8 @@ def max_squares_loss(binary: torch.Tensor, class_probabilities: torch.Tensor, kn
 
 
 def replay_weight(progress: float, final: float = 0.1) -> float:
-    """Weight of the earlier data's loss: decays linearly from 1 to ``final`` over the stage
-    (``progress`` in [0, 1], sec. 4.1.3)."""
+    """Weight of the earlier data's loss: moves linearly from 1 to ``final`` over the stage
+    (``progress`` in [0, 1]; the paper decays it to 0.1, sec. 4.1.3)."""
     return 1.0 - (1.0 - final) * min(max(progress, 0.0), 1.0)
 
 

@@ -47,7 +47,7 @@ class EvolutionModule(pl.LightningModule):
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         poly_power: power of the learning-rate decay.
-        replay_final_weight: the earlier data's loss weight decays linearly to this.
+        replay_final_weight: the earlier data's loss weight moves linearly from 1 to this.
         warmup: share of the stage's steps over which the learning rate rises linearly from 0
             (on cells within the run-to-run spread: the source's dip after the first epoch comes
             from the new domain's batches, not the step size; README).
