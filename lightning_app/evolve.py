@@ -44,7 +44,7 @@ from datamodules.registry import Concat, build_source
 from lightning_app import report
 from lightning_app.benchmark import run_benchmark, wandb_run
 from lightning_app.checkpoints import file_digest, load_module
-from modules.errors import UserError
+from modules.errors import UserError, check
 from modules.evolution_module import EvolutionModule
 from modules.io import AtomicCheckpointIO, atomic_write_text
 from modules.pseudo import PseudoLabelling, pseudo_mask_miou, pseudo_masks, table3_options
@@ -91,12 +91,10 @@ class StageTraining:
     train_max_side: int | None = None
 
     def __post_init__(self):
-        for key, ok, expected in (("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
-                                  ("crop_size", self.crop_size >= 8, ">= 8"), ("lr", self.lr > 0, "> 0"),
-                                  ("warmup", 0 <= self.warmup < 1, "in [0, 1)"),
-                                  ("replay_final_weight", self.replay_final_weight >= 0, ">= 0")):
-            if not ok:
-                raise UserError(f"training.{key}={getattr(self, key)}: expected {expected}")
+        for key, low in (("epochs", 1), ("batch_size", 1), ("crop_size", 8), ("replay_final_weight", 0)):
+            check(getattr(self, key) >= low, f"training.{key}={getattr(self, key)}: expected >= {low}")
+        check(self.lr > 0, f"training.lr={self.lr}: expected > 0")
+        check(0 <= self.warmup < 1, f"training.warmup={self.warmup}: expected in [0, 1)")
 
     def module(self, previous, known_classes: int, seed: int) -> EvolutionModule:
         """The stage's LightningModule, from the previous stage's model."""
@@ -146,12 +144,12 @@ class Stage:
         """The users' clicks on the stage's objects (``interactions.json``, recorded once)."""
         return record_interactions(source, self.folder / "interactions.json", clicks_file)
 
-    def pseudo_masks(self, previous: str, images: MaskFree, interactions: list, known: int, options: PseudoLabelling,
+    def pseudo_masks(self, model, images: MaskFree, interactions: list, known: int, options: PseudoLabelling,
                      seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
-        """``modules.pseudo.pseudo_masks`` of the stage's objects with the previous model."""
+        """``modules.pseudo.pseudo_masks`` of the stage's objects with ``model`` (the previous stage's)."""
         tensors = (image_to_tensor(images.get_image(i)) for i in
                    track(range(len(images)), description=f"pseudo masks {images.name}", transient=True))
-        return pseudo_masks(load_module(previous), tensors, interactions, known, options, seed)
+        return pseudo_masks(model, tensors, interactions, known, options, seed)
 
     def masks(self, previous: str, source: ObjectSource, known: int, options: PseudoLabelling, supervision: str,
               clicks_file: str | None, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
@@ -163,7 +161,8 @@ class Stage:
                 save_pseudo_masks(path, truth, truth, [-1] * len(truth))
             else:
                 interactions = self.interactions(source, clicks_file)
-                save_pseudo_masks(path, *self.pseudo_masks(previous, MaskFree(source), interactions, known, options, seed))
+                save_pseudo_masks(path, *self.pseudo_masks(load_module(previous), MaskFree(source), interactions, known,
+                                                           options, seed))
         return load_pseudo_masks(path)
 
     def train(self, module: EvolutionModule, pairs: PairedObjects, training: StageTraining, num_workers: int,
@@ -319,8 +318,8 @@ def run_evolution(
         if measure_pseudo_masks and name not in results["pseudo_masks"]:
             sets = {"coarse": coarse, "refined": refined}
             if ipt_table and supervision == "clicks":
-                interactions = stage.interactions(train_source, catalog[name].get("clicks"))
-                sets = {row: stage.pseudo_masks(previous, MaskFree(train_source), interactions, known, options, seed)[1]
+                interactions, model = stage.interactions(train_source, catalog[name].get("clicks")), load_module(previous)
+                sets = {row: stage.pseudo_masks(model, MaskFree(train_source), interactions, known, options, seed)[1]
                         for row, options in table3_options(pseudo).items()}
             truths = [(s.mask, s.ignore) for s in map(train_source.get_sample, range(len(train_source)))]
             results["pseudo_masks"][name] = pseudo_mask_miou(sets, truths)  # measured for the report only

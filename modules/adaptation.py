@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modules.errors import UserError
+from modules.errors import UserError, check
 from modules.losses import masked_bce
 
 if TYPE_CHECKING:
@@ -129,11 +129,6 @@ def select_parameters(model: nn.Module, which: str) -> dict[str, nn.Parameter]:
 
 
 # -- the two kinds of adaptation ----------------------------------------------------------------
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise UserError(message)
-
-
 @dataclass(frozen=True)
 class ImageAdaptation:
     """IA (sec. 3.2.1, Algorithm 1): after every click, up to ``steps`` Adam steps on Eq. 4 with
@@ -165,12 +160,12 @@ class ImageAdaptation:
     anchor: Literal["checkpoint", "image"] = "checkpoint"
 
     def __post_init__(self):
-        _check(self.steps >= 1, f"image.steps={self.steps}: expected at least 1")
-        _check(self.lr > 0, f"image.lr={self.lr}: expected a positive learning rate")
-        _check(0 <= self.lam <= 1, f"image.lam={self.lam}: expected a value in [0, 1]")
-        _check(self.gamma >= 0, f"image.gamma={self.gamma}: expected a value >= 0")
-        _check(self.cache in ("none", "encoder", "decoder"), f"image.cache='{self.cache}': expected none, encoder or decoder")
-        _check(self.anchor in ("checkpoint", "image"), f"image.anchor='{self.anchor}': expected checkpoint or image")
+        check(self.steps >= 1, f"image.steps={self.steps}: expected at least 1")
+        check(self.lr > 0, f"image.lr={self.lr}: expected a positive learning rate")
+        check(0 <= self.lam <= 1, f"image.lam={self.lam}: expected a value in [0, 1]")
+        check(self.gamma >= 0, f"image.gamma={self.gamma}: expected a value >= 0")
+        check(self.cache in ("none", "encoder", "decoder"), f"image.cache='{self.cache}': expected none, encoder or decoder")
+        check(self.anchor in ("checkpoint", "image"), f"image.anchor='{self.anchor}': expected checkpoint or image")
 
 
 @dataclass(frozen=True)
@@ -211,12 +206,12 @@ class SequenceAdaptation:
     synchronize: bool = False
 
     def __post_init__(self):
-        _check(self.lr > 0, f"sequence.lr={self.lr}: expected a positive learning rate")
-        _check(0 <= self.lam <= 1, f"sequence.lam={self.lam}: expected a value in [0, 1]")
-        _check(self.gamma >= 0, f"sequence.gamma={self.gamma}: expected a value >= 0")
-        _check(0 < self.guidance_ratio <= 1, f"sequence.guidance_ratio={self.guidance_ratio}: expected a value in (0, 1]")
-        _check(self.inputs in ("guidance", "states"), f"sequence.inputs='{self.inputs}': expected guidance or states")
-        _check(self.states >= 1, f"sequence.states={self.states}: expected at least 1")
+        check(self.lr > 0, f"sequence.lr={self.lr}: expected a positive learning rate")
+        check(0 <= self.lam <= 1, f"sequence.lam={self.lam}: expected a value in [0, 1]")
+        check(self.gamma >= 0, f"sequence.gamma={self.gamma}: expected a value >= 0")
+        check(0 < self.guidance_ratio <= 1, f"sequence.guidance_ratio={self.guidance_ratio}: expected a value in (0, 1]")
+        check(self.inputs in ("guidance", "states"), f"sequence.inputs='{self.inputs}': expected guidance or states")
+        check(self.states >= 1, f"sequence.states={self.states}: expected at least 1")
 
 
 def settings(cls, values: dict, where: str):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.clicks import Click, clicks_in_view
-from modules.errors import UserError
+from modules.errors import check
 from modules.evolution import known_class
 from modules.ipt import IPT_COMPONENTS, click_window, refine_pseudo_mask
 from modules.metrics import bootstrap_interval, iou
@@ -54,13 +54,12 @@ class PseudoLabelling:
 
     def __post_init__(self):
         unknown = set(self.components) - set(IPT_COMPONENTS)
-        if unknown:
-            raise UserError(f"pseudo.components: unknown {sorted(unknown)} (expected some of {list(IPT_COMPONENTS)})")
+        check(not unknown, f"pseudo.components: unknown {sorted(unknown)} (expected some of {list(IPT_COMPONENTS)})")
         for key in ("m", "n", "known_threshold"):
-            if not 0.0 < getattr(self, key) <= 1.0:
-                raise UserError(f"pseudo.{key}={getattr(self, key)}: expected a value in (0, 1]")
-        if self.context < 0 or self.points < 0 or self.kernel < 1 or self.iterations < 0 or self.radius <= 0:
-            raise UserError("pseudo: expected context >= 0, points >= 0, kernel >= 1, iterations >= 0, radius > 0")
+            check(0.0 < getattr(self, key) <= 1.0, f"pseudo.{key}={getattr(self, key)}: expected a value in (0, 1]")
+        for key, low in (("context", 0), ("points", 0), ("kernel", 1), ("iterations", 0)):
+            check(getattr(self, key) >= low, f"pseudo.{key}={getattr(self, key)}: expected >= {low}")
+        check(self.radius > 0, f"pseudo.radius={self.radius}: expected > 0")
 
     def ipt_options(self) -> dict:
         return {k: getattr(self, k) for k in ("m", "n", "centre_weight", "edge_weight", "points", "kernel",
