@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from modules.clicks import Click
-from modules.errors import UserError
+from modules.errors import check
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,10 @@ class RandomWalker:
     mode: str = "bf"
 
     def __post_init__(self):
-        if self.beta <= 0 or self.seed_radius < 1 or self.max_side < 16:
-            raise UserError(f"random walker: beta={self.beta}, seed_radius={self.seed_radius}, max_side={self.max_side}: "
-                            "expected beta > 0, seed_radius >= 1, max_side >= 16")
+        check(self.beta > 0, f"random_walker.beta={self.beta}: expected > 0")
+        check(self.seed_radius >= 1, f"random_walker.seed_radius={self.seed_radius}: expected >= 1")
+        check(self.max_side >= 16, f"random_walker.max_side={self.max_side}: expected >= 16")
+        check(self.mode in ("bf", "cg_j"), f"random_walker.mode={self.mode!r}: expected 'bf' or 'cg_j'")
 
     def __call__(self, image: np.ndarray, clicks: list[Click]) -> np.ndarray:
         """Object probability ``(H, W)`` of ``image`` (uint8 RGB) given the clicks so far."""

@@ -20,6 +20,7 @@ from modules.adaptation import Adapter
 from modules.classical import ClassicalSession
 from modules.clicks import clicks_to_tensor, encode_clicks
 from modules.deeplab import DeepLabV3Plus
+from modules.errors import check
 from modules.evaluation import ObjectResult, evaluate_object
 from modules.losses import masked_bce, near_click_weights
 from modules.session import InteractiveSession
@@ -85,6 +86,10 @@ class InteractiveSegmentationModule(pl.LightningModule):
             from a synthetic previous mask (the ground truth perturbed) with 1..``max_iterative_clicks``
             corrective clicks against it: every such sample teaches a correction, without a
             forward pass to find it.
+        first_click_share: share of training samples (after the two above) reduced to the
+            benchmark's first click: one positive click at the object's interior-most pixel, no
+            other click and no previous mask (0: the state is left to the random draws, where it
+            is rare).
         click_loss_weight: pixels within ``click_loss_radius`` px of a click weigh ``1 + this``
             in the training loss (0: the paper's plain BCE).
         click_loss_radius: see ``click_loss_weight``.
@@ -123,6 +128,7 @@ class InteractiveSegmentationModule(pl.LightningModule):
         max_iterative_clicks: int = 4,
         iterative_start: float = 0.2,
         synthetic_corrections: float = 0.5,
+        first_click_share: float = 0.0,
         click_loss_weight: float = 5.0,
         click_loss_radius: float = 5.0,
         eval_max_side: int = 512,
@@ -132,6 +138,8 @@ class InteractiveSegmentationModule(pl.LightningModule):
         num_classes: int = 0,
     ):
         super().__init__()
+        for key, share in {"synthetic_corrections": synthetic_corrections, "first_click_share": first_click_share}.items():
+            check(0 <= share <= 1, f"model.{key}={share}: expected a share in [0, 1]")
         self.save_hyperparameters()
         self.net = DeepLabV3Plus(backbone, 6 if prev_mask else 5, output_stride, aspp_rates, aspp_channels, decoder_channels=decoder_channels,
                                  pretrained=pretrained, num_classes=num_classes,
@@ -277,10 +285,32 @@ class InteractiveSegmentationModule(pl.LightningModule):
             prev[b, 0] = torch.from_numpy(before).to(prev)
         return clicks, prev
 
+    def first_clicks(self, batch: dict, clicks: torch.Tensor, prev: torch.Tensor | None, rng: np.random.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Replace a ``first_click_share`` of the samples by the simulated user's first click on
+        an empty prediction (the benchmark's click 1) and no previous mask."""
+        share = self.hparams.first_click_share
+        if share <= 0:
+            return clicks, prev
+        clicks = clicks.clone()
+        prev = None if prev is None else prev.clone()
+        gts = batch["mask"][:, 0].bool().cpu().numpy()
+        ignores = batch["ignore"][:, 0].cpu().numpy()
+        for b in np.flatnonzero(rng.random(len(gts)) < share):
+            first = next_click(np.zeros_like(gts[b]), gts[b], ignores[b])
+            if first is None:
+                continue
+            clicks[b] = 0
+            clicks[b, :1] = clicks_to_tensor([first]).to(clicks)
+            if prev is not None:
+                prev[b] = 0
+        return clicks, prev
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         rng = self.step_rng()
         clicks, prev = self.iterative_clicks(batch, self.initial_clicks(batch, rng), rng)
         clicks, prev = self.synthetic_corrections(batch, clicks, prev, rng)
+        clicks, prev = self.first_clicks(batch, clicks, prev, rng)
         return self._step(batch, clicks, prev, self.train_iou, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -290,6 +290,8 @@ def test_variants_compose_without_restating(tmp_path):
     assert zoomed.zoom_in.min_crop_size == 64 and zoomed.image == inline.image
     with pytest.raises(UserError, match="zoom"):
         variant_callback({"name": "rw_zoom", "random_walker": "random_walker", "zoom_in": {}}, adapt)
+    with pytest.raises(UserError, match=r"^random_walker.seed_radius=0: expected >= 1$"):
+        variant_callback({"name": "rw", "random_walker": {"seed_radius": 0}}, adapt)
 
 
 def test_ia_with_zoom_in_adapts_in_the_crop_and_undo_replays_it():

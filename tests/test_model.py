@@ -103,3 +103,27 @@ def test_zoom_in_session_crops_around_the_object_and_pastes_back():
     assert session.view == session.whole and back.shape == (120, 160) and len(session.clicks) == 1
     with pytest.raises(UserError, match="zoom_in"):
         ZoomIn(expansion_ratio=0.5)
+
+
+def test_first_click_share_gives_the_benchmarks_first_click_state():
+    import numpy as np
+
+    from modules.clicks import clicks_to_tensor
+    from modules.simulate import next_click
+
+    mask = torch.zeros(3, 1, 32, 32)
+    mask[:, :, 4:20, 6:30] = 1
+    batch = {"mask": mask, "ignore": torch.zeros_like(mask, dtype=torch.bool)}
+    clicks = torch.rand(3, 8, 3) * 30
+    clicks[..., 2] = 1
+    prev = torch.rand(3, 1, 32, 32)
+    every = InteractiveSegmentationModule(aspp_channels=16, decoder_channels=16, first_click_share=1.0)
+    out, out_prev = every.first_clicks(batch, clicks, prev, np.random.default_rng(0))
+    first = clicks_to_tensor([next_click(np.zeros((32, 32), bool), mask[0, 0].bool().numpy())], 8)
+    assert (out == first).all() and (out_prev == 0).all() and first[0, 2] == 1  # one positive click, no prev
+    none = InteractiveSegmentationModule(aspp_channels=16, decoder_channels=16)
+    rng = np.random.default_rng(0)
+    same, same_prev = none.first_clicks(batch, clicks, prev, rng)
+    assert same is clicks and same_prev is prev and rng.random() == np.random.default_rng(0).random()  # no draw
+    with pytest.raises(UserError, match=r"model.first_click_share=1.5: expected a share in \[0, 1\]"):
+        InteractiveSegmentationModule(first_click_share=1.5)
