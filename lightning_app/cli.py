@@ -35,6 +35,7 @@ from lightning_app.benchmark import run_benchmark  # noqa: E402
 from lightning_app.evolve import run_evolution  # noqa: E402
 from lightning_app.importance import compute_importance  # noqa: E402
 from lightning_app.report import run_spread  # noqa: E402
+from modules.environment import cpu_has_bf16, cpu_model  # noqa: E402
 from modules.errors import UserError  # noqa: E402
 from modules.interactive import InteractiveSegmentationModule  # noqa: E402
 
@@ -120,6 +121,21 @@ class CLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and ckpt_path != "last":
             resolve_checkpoint(ckpt_path, None)
+
+    def before_instantiate_classes(self) -> None:
+        """``trainer.precision: bf16-mixed`` (``configs/train_bsds.yaml``) on a CPU without bfloat16
+        kernels trains in 32-bit instead, and says so: there bfloat16 would be slower, not faster."""
+        sub = self.config.get("subcommand")
+        trainer = self.config[sub].trainer if sub else None
+        if trainer is None or not str(trainer.precision).startswith("bf16") or trainer.accelerator not in ("auto", "cpu"):
+            return
+        import torch
+
+        if (trainer.accelerator == "auto" and torch.cuda.is_available()) or cpu_has_bf16():
+            return
+        print(f"trainer.precision={trainer.precision}: this CPU ({cpu_model()}) has no bfloat16 kernels, "
+              "where bfloat16 is slower than 32-bit: training in 32-bit", file=sys.stderr)
+        trainer.precision = "32-true"
 
     def before_fit(self) -> None:
         callback = self.trainer.checkpoint_callback

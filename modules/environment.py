@@ -25,6 +25,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 kernels on this CPU (AVX-512 or AMX). Where it does not,
+    bfloat16 autocast falls back to slow reference kernels (training is then slower, not faster)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _version(package: str) -> str | None:
     try:
         return version(package)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_DATA, synthetic, tiny_fit_args
 
-from lightning_app.cli import main
+from lightning_app.cli import CLI, main
 
 BENCH = ["--data.test", f"[{synthetic('source', 3)}, {synthetic('fundus', 3)}, {synthetic('rooftop', 3)}]",
          "--data.num_workers", "0", "--max_clicks", "20", "--variants", "[fixed]"]
@@ -25,6 +25,18 @@ def run_cli(*args, timeout=180):
 def test_fast_dev_run(optimizer):
     assert main(["fit", "--config", str(ROOT / "configs/train_init.yaml"),
                  "--config", str(ROOT / "configs/debug/fdr.yaml"), "--model.optimizer", optimizer, *TINY_DATA]) == 0
+
+
+@pytest.mark.parametrize("has_bf16, trained_in", [(True, "bf16-mixed"), (False, "32-true")])
+def test_bf16_training_only_where_the_cpu_has_bf16_kernels(tmp_path, monkeypatch, capsys, has_bf16, trained_in):
+    monkeypatch.setattr("lightning_app.cli.cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seen, fit = [], CLI.fit
+    monkeypatch.setattr(CLI, "fit", lambda self, *a, **k: (seen.append(self.trainer.precision), fit(self, *a, **k)))
+    assert main(tiny_fit_args(tmp_path, steps=2) + ["--trainer.precision", "bf16-mixed"]) == 0
+    assert seen == [trained_in]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert ("has no bfloat16 kernels" in capsys.readouterr().err) is not has_bf16
 
 
 def test_checkpoint_carries_the_full_config(tiny_ckpt):
