@@ -230,13 +230,14 @@ def test_sigterm_stops_fit_and_benchmark_with_a_non_zero_exit(tiny_ckpt, tmp_pat
 
 
 @pytest.mark.slow
-def test_training_is_reproducible_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # bf16: configs/train_bsds.yaml
+def test_training_is_reproducible_and_resumes_exactly(tmp_path, precision):
     """The same config and seed give the same weights; a run stopped half-way and resumed ends
     where an uninterrupted one does."""
     def state(root):
         return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
-    extra = ["--model.iterative_start", "0.0", "--model.prev_mask", "true"]
+    extra = ["--model.iterative_start", "0.0", "--model.prev_mask", "true", "--trainer.precision", precision]
     assert main(tiny_fit_args(tmp_path / "a", steps=4) + extra) == 0
     assert main(tiny_fit_args(tmp_path / "b", steps=4) + extra) == 0
     stop = json.dumps({"class_path": "conftest.StopAt", "init_args": {"step": 2}})
