@@ -125,13 +125,14 @@ class CLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """``trainer.precision: bf16-mixed`` (``configs/train_bsds.yaml``) on a CPU without bfloat16
         kernels trains in 32-bit instead, and says so: there bfloat16 would be slower, not faster."""
-        sub = self.config.get("subcommand")
-        trainer = self.config[sub].trainer if sub else None
-        if trainer is None or not str(trainer.precision).startswith("bf16") or trainer.accelerator not in ("auto", "cpu"):
-            return
         import torch
 
-        if (trainer.accelerator == "auto" and torch.cuda.is_available()) or cpu_has_bf16():
+        sub = self.config.get("subcommand")
+        trainer = self.config[sub].trainer if sub else None
+        if trainer is None or not str(trainer.precision).startswith("bf16"):
+            return
+        on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
+        if not on_cpu or cpu_has_bf16():
             return
         print(f"trainer.precision={trainer.precision}: this CPU ({cpu_model()}) has no bfloat16 kernels, "
               "where bfloat16 is slower than 32-bit: training in 32-bit", file=sys.stderr)
