@@ -22,7 +22,7 @@ from modules.clicks import clicks_to_tensor, encode_clicks
 from modules.deeplab import DeepLabV3Plus
 from modules.errors import check
 from modules.evaluation import ObjectResult, evaluate_object
-from modules.losses import masked_bce, near_click_weights
+from modules.losses import masked_bce, near_click_weights, normalized_focal_loss
 from modules.session import InteractiveSession
 from modules.simulate import corrective_clicks, next_click, perturb_mask, three_click_protocol
 
@@ -93,6 +93,9 @@ class InteractiveSegmentationModule(pl.LightningModule):
         click_loss_weight: pixels within ``click_loss_radius`` px of a click weigh ``1 + this``
             in the training loss (0: the paper's plain BCE).
         click_loss_radius: see ``click_loss_weight``.
+        loss: ``bce`` (paper A, Eq. 1) or ``nfl``, the normalized focal loss RITM trains with
+            (hard pixels carry the loss; ``modules.losses.normalized_focal_loss``).
+        focal_gamma: the focal exponent of ``nfl``.
         eval_max_side: long side of the network input at evaluation (images are resized to
             it and predictions resized back to the original resolution).
         eval_max_clicks: clicks per object in the benchmark (the protocol's 20).
@@ -131,6 +134,8 @@ class InteractiveSegmentationModule(pl.LightningModule):
         first_click_share: float = 0.0,
         click_loss_weight: float = 5.0,
         click_loss_radius: float = 5.0,
+        loss: Literal["bce", "nfl"] = "bce",
+        focal_gamma: float = 2.0,
         eval_max_side: int = 512,
         eval_max_clicks: int = 20,
         click_protocol: Literal["corrective", "three_click"] = "corrective",
@@ -140,6 +145,7 @@ class InteractiveSegmentationModule(pl.LightningModule):
         super().__init__()
         for key, share in {"synthetic_corrections": synthetic_corrections, "first_click_share": first_click_share}.items():
             check(0 <= share <= 1, f"model.{key}={share}: expected a share in [0, 1]")
+        check(focal_gamma >= 0, f"model.focal_gamma={focal_gamma}: expected a number >= 0")
         self.save_hyperparameters()
         self.net = DeepLabV3Plus(backbone, 6 if prev_mask else 5, output_stride, aspp_rates, aspp_channels, decoder_channels=decoder_channels,
                                  pretrained=pretrained, num_classes=num_classes,
@@ -238,11 +244,14 @@ class InteractiveSegmentationModule(pl.LightningModule):
         return clicks, prev
 
     def mask_loss(self, logits: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
-        """The model's training loss on its mask: BCE over the valid pixels, weighted up within
-        ``click_loss_radius`` of the clicks by ``click_loss_weight``."""
+        """The model's training loss on its mask (``loss``: BCE or the normalized focal loss) over
+        the valid pixels, weighted up within ``click_loss_radius`` of the clicks by
+        ``click_loss_weight``."""
         h = self.hparams
         weight = near_click_weights(clicks, logits.shape[-2:], h.click_loss_radius, h.click_loss_weight) \
             if h.click_loss_weight > 0 else None
+        if h.loss == "nfl":
+            return normalized_focal_loss(logits, mask, valid, weight, h.focal_gamma)
         return masked_bce(logits, mask, valid, weight)
 
     def _step(self, batch: dict, clicks: torch.Tensor, prev: torch.Tensor | None, metric: BinaryJaccardIndex,

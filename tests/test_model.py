@@ -127,3 +127,30 @@ def test_first_click_share_gives_the_benchmarks_first_click_state():
     assert same is clicks and same_prev is prev and rng.random() == np.random.default_rng(0).random()  # no draw
     with pytest.raises(UserError, match=r"model.first_click_share=1.5: expected a share in \[0, 1\]"):
         InteractiveSegmentationModule(first_click_share=1.5)
+
+
+def test_normalized_focal_loss_is_bce_at_gamma_0_and_shifts_weight_to_hard_pixels():
+    from modules.losses import masked_bce, normalized_focal_loss
+
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 2:6, 2:6] = 1
+    logits = torch.where(target.bool(), 4.0, -4.0)  # all pixels right and confident
+    logits[:, :, 0, 0] = 3.0  # one hard pixel per image: confidently wrong
+    valid = torch.ones_like(target, dtype=torch.bool)
+    valid[1, :, 7] = False
+    per_image_bce = torch.stack([masked_bce(logits[i:i + 1], target[i:i + 1], valid[i:i + 1]) for i in range(2)]).mean()
+    assert normalized_focal_loss(logits, target, valid, gamma=0.0) == pytest.approx(per_image_bce.item())
+    x = logits.clone().requires_grad_(True)
+    nfl = normalized_focal_loss(x, target, valid)
+    nfl.backward()
+    # the loss is about the hard pixel's own BCE (its focal factor dominates the normaliser) ...
+    hard_bce = torch.nn.functional.softplus(torch.tensor(3.0)).item()
+    assert hard_bce * 0.9 < nfl.item() <= hard_bce
+    # ... and the easy pixels carry almost none of the gradient, which BCE spreads over them
+    easy = torch.ones_like(x, dtype=torch.bool)
+    easy[:, :, 0, 0] = False
+    assert x.grad[easy].abs().sum() < 1e-3 * x.grad[~easy].abs().sum()
+    with pytest.raises(UserError, match=r"model.focal_gamma=-1: expected a number >= 0"):
+        InteractiveSegmentationModule(focal_gamma=-1)
+    assert InteractiveSegmentationModule(aspp_channels=16, decoder_channels=16, loss="nfl").mask_loss(
+        logits, target, valid, torch.zeros(2, 1, 3)) == pytest.approx(normalized_focal_loss(logits, target, valid).item())
