@@ -14,6 +14,8 @@ string takes that part from another variant, so IA+SA restates nothing::
 """
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +125,10 @@ def read_variant(name: str, adapt_dir: str | Path, seen: tuple[str, ...] = ()) -
     return resolve_parts(raw, adapt_dir, f"variant config '{path}'", seen + (name,))
 
 
-def variant_callback(variant: str | dict[str, Any], adapt_dir: str | Path) -> TestTimeAdaptation | ClassicalBaseline:
-    """A fresh callback for a variant: a name (``fixed``: no part, the weights never change) or
-    an inline ``{name: ..., image: ..., sequence: ...}``."""
+def variant_parts(variant: str | dict[str, Any], adapt_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """A variant's name and its parts' settings objects: a name (``fixed``: no part, the weights
+    never change) read from ``<adapt_dir>/<name>.yaml``, or an inline ``{name: ..., image: ...,
+    sequence: ...}``."""
     if isinstance(variant, str):
         name, parts = variant, read_variant(variant, adapt_dir)
     else:
@@ -134,8 +137,21 @@ def variant_callback(variant: str | dict[str, Any], adapt_dir: str | Path) -> Te
             raise UserError(f"inline variant {variant!r:.200}: needs a 'name'")
         parts = resolve_parts({k: v for k, v in variant.items() if k != "name"}, adapt_dir, f"variant '{name}'")
     built = {part: settings(PARTS[part], values, f"variant '{name}': {part}") for part, values in parts.items()}
+    if "random_walker" in built and len(built) > 1:
+        raise UserError(f"variant '{name}': a classical method does not adapt or zoom (no image/sequence/zoom_in with it)")
+    return name, built
+
+
+def variant_spec(variant: str | dict[str, Any], adapt_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Every setting a variant runs with, resolved (defaults included) as plain data: what a
+    results file records, so that a variant whose settings changed is not mistaken for its old run."""
+    spec = {part: asdict(obj) for part, obj in variant_parts(variant, adapt_dir)[1].items()}
+    return json.loads(json.dumps(spec))  # as a results file reads back (tuples as lists)
+
+
+def variant_callback(variant: str | dict[str, Any], adapt_dir: str | Path) -> TestTimeAdaptation | ClassicalBaseline:
+    """A fresh callback for a variant (see ``variant_parts``)."""
+    built = variant_parts(variant, adapt_dir)[1]
     if "random_walker" in built:
-        if len(built) > 1:
-            raise UserError(f"variant '{name}': a classical method does not adapt or zoom (no image/sequence/zoom_in with it)")
         return ClassicalBaseline(built["random_walker"])
     return TestTimeAdaptation(**built)

@@ -20,7 +20,7 @@ import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
-from callbacks.adaptation import variant_callback
+from callbacks.adaptation import variant_callback, variant_spec
 from callbacks.benchmark import ClickRecorder, ObjectRecord
 from datamodules.datamodule import InteractiveDataModule
 from lightning_app import report
@@ -104,8 +104,7 @@ def run_benchmark(
         adapt_dir: folder of the variants' configs.
     """
     names = [variant_name(v) for v in variants]
-    for v in variants:  # fail on a bad variant before any work
-        variant_callback(v, adapt_dir)
+    specs = {name: variant_spec(v, adapt_dir) for name, v in zip(names, variants)}  # fails on a bad variant before any work
     if len(set(names)) != len(names):
         raise UserError(f"variants: names {names} repeat")
     if not 1 <= max_clicks <= 100:
@@ -140,6 +139,8 @@ def run_benchmark(
             print(f"earlier results moved to {aside}")
             results = None
         results = results or {"protocol": protocol, "model": model, "data": data_config, "results": {}, "objects": {}}
+        if main and forget_changed_variants(results, specs):
+            report.write_results(out, results)
         for variant, name in zip(variants, names):
             todo = [ds for ds in datasets if name not in results["results"].get(ds.name, {})]
             if not todo:
@@ -169,6 +170,26 @@ def run_benchmark(
             report.print_table(results)
             print(f"results: {out / report.RESULTS}  also: {', '.join(str(f) for f in files)}")
     return results
+
+
+def forget_changed_variants(results: dict, specs: dict[str, dict]) -> bool:
+    """Drop the results of every variant whose recorded settings differ from ``specs`` (one line
+    each: it runs again) and record ``specs``. A resumed benchmark then skips only the variants
+    that would run exactly as before; results written before settings were recorded are kept.
+    Returns whether ``results`` changed."""
+    if "variants" not in results and results["results"]:
+        print("these results were written before variant settings were recorded: kept as they are "
+              "(--fresh true runs every variant again)")
+    recorded, changed = results.setdefault("variants", {}), False
+    for name, spec in specs.items():
+        if name in recorded and recorded[name] != spec:
+            print(f"{name}: its settings changed since it ran, running it again")
+            for table in (results["results"], results["objects"]):
+                for per_dataset in table.values():
+                    per_dataset.pop(name, None)
+        changed = changed or recorded.get(name) != spec
+        recorded[name] = spec
+    return changed
 
 
 def _in_order(results: dict, names: list[str]) -> None:

@@ -94,6 +94,27 @@ def test_benchmark_writes_results_and_resumes(tiny_ckpt, tmp_path, capsys):
     assert "NoC@70" in capsys.readouterr().out and "NoC@70" in (out / "results.md").read_text()
 
 
+def test_a_variant_whose_settings_changed_runs_again(capsys):
+    from callbacks.adaptation import variant_spec
+    from lightning_app.benchmark import forget_changed_variants
+
+    adapt = ROOT / "configs/adapt"
+    sa = {"name": "sa_photo", "sequence": {"inputs": "states", "lr": 1.0e-5}}
+    spec = variant_spec(sa, adapt)
+    assert spec["sequence"]["lr"] == 1.0e-5 and "gamma" in spec["sequence"]  # defaults resolved too
+    assert variant_spec("fixed", adapt) == {} and json.loads(json.dumps(spec)) == spec
+    results = {"results": {"grabcut": {"fixed": 1, "sa_photo": 2}}, "objects": {"grabcut": {"fixed": 1, "sa_photo": 2}}}
+    assert forget_changed_variants(results, {"fixed": {}, "sa_photo": spec})  # results from before: recorded, nothing dropped
+    assert "written before variant settings were recorded" in capsys.readouterr().out
+    assert results["results"]["grabcut"] == {"fixed": 1, "sa_photo": 2} and results["variants"]["sa_photo"] == spec
+    faster = variant_spec({**sa, "sequence": {"inputs": "states", "lr": 1.0e-4}}, adapt)
+    assert not forget_changed_variants(results, {"fixed": {}, "sa_photo": spec})  # the same settings: nothing to do
+    assert forget_changed_variants(results, {"fixed": {}, "sa_photo": faster})
+    assert results["results"]["grabcut"] == {"fixed": 1} and results["objects"]["grabcut"] == {"fixed": 1}
+    assert results["variants"]["sa_photo"] == faster
+    assert "sa_photo: its settings changed since it ran, running it again" in capsys.readouterr().out
+
+
 def test_variants_keep_the_configs_order_when_one_is_rerun():
     from lightning_app.benchmark import _in_order
     results = {"results": {"fundus": {"fixed": 1, "ia_sa": 2, "sa": 3}}, "objects": {"fundus": {"sa": 3, "fixed": 1, "old": 0}}}
