@@ -179,7 +179,7 @@ def forget_changed_variants(results: dict, specs: dict[str, dict]) -> bool:
     Returns whether ``results`` changed."""
     if "variants" not in results and results["results"]:
         print("these results were written before variant settings were recorded: kept as they are "
-              "(--fresh true runs every variant again)")
+              "(another --out_dir runs every variant again)")
     recorded, changed = results.setdefault("variants", {}), False
     for name, spec in specs.items():
         if name in recorded and recorded[name] != spec:
