@@ -125,8 +125,8 @@ def read_variant(name: str, adapt_dir: str | Path, seen: tuple[str, ...] = ()) -
     return resolve_parts(raw, adapt_dir, f"variant config '{path}'", seen + (name,))
 
 
-def variant_parts(variant: str | dict[str, Any], adapt_dir: str | Path) -> tuple[str, dict[str, Any]]:
-    """A variant's name and its parts' settings objects: a name (``fixed``: no part, the weights
+def variant_parts(variant: str | dict[str, Any], adapt_dir: str | Path) -> dict[str, Any]:
+    """A variant's parts as settings objects, from a name (``fixed``: no part, the weights
     never change) read from ``<adapt_dir>/<name>.yaml``, or an inline ``{name: ..., image: ...,
     sequence: ...}``."""
     if isinstance(variant, str):
@@ -139,19 +139,19 @@ def variant_parts(variant: str | dict[str, Any], adapt_dir: str | Path) -> tuple
     built = {part: settings(PARTS[part], values, f"variant '{name}': {part}") for part, values in parts.items()}
     if "random_walker" in built and len(built) > 1:
         raise UserError(f"variant '{name}': a classical method does not adapt or zoom (no image/sequence/zoom_in with it)")
-    return name, built
+    return built
 
 
 def variant_spec(variant: str | dict[str, Any], adapt_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Every setting a variant runs with, resolved (defaults included) as plain data: what a
     results file records, so that a variant whose settings changed is not mistaken for its old run."""
-    spec = {part: asdict(obj) for part, obj in variant_parts(variant, adapt_dir)[1].items()}
+    spec = {part: asdict(obj) for part, obj in variant_parts(variant, adapt_dir).items()}
     return json.loads(json.dumps(spec))  # as a results file reads back (tuples as lists)
 
 
 def variant_callback(variant: str | dict[str, Any], adapt_dir: str | Path) -> TestTimeAdaptation | ClassicalBaseline:
     """A fresh callback for a variant (see ``variant_parts``)."""
-    built = variant_parts(variant, adapt_dir)[1]
+    built = variant_parts(variant, adapt_dir)
     if "random_walker" in built:
         return ClassicalBaseline(built["random_walker"])
     return TestTimeAdaptation(**built)
