@@ -57,6 +57,8 @@ class DeepLabV3Plus(nn.Module):
             click reaches the prediction near it without crossing the whole encoder.
         decoder_stride: 4 (DeepLabV3+) or 2: a refinement at stride 2 on the backbone's stride-2
             feature, for boundaries a pixel or two sharper.
+        channels_last: weights and input in the channels-last memory layout, which oneDNN's CPU
+            convolutions run faster (the same numbers up to float rounding).
     """
 
     def __init__(
@@ -72,9 +74,10 @@ class DeepLabV3Plus(nn.Module):
         num_classes: int = 0,
         guide_channels: int = 0,
         decoder_stride: int = 4,
+        channels_last: bool = False,
     ):
         super().__init__()
-        self.guide_channels = guide_channels
+        self.guide_channels, self.channels_last = guide_channels, channels_last
         if output_stride not in (8, 16):
             raise UserError(f"output_stride={output_stride}: expected 8 or 16")
         if decoder_stride not in (2, 4):
@@ -113,11 +116,15 @@ class DeepLabV3Plus(nn.Module):
         if num_classes > 0:
             self.binary = nn.Conv2d(deep_ch, 1, 1)
             self.classifier = nn.Linear(deep_ch, num_classes)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The backbone's features the decoder reads: ``low`` (stride 4), ``deep`` (the
         deepest), with ``decoder_stride`` 2 ``fine`` (stride 2), and with ``guide_channels`` the
         guide maps (the input's last channels) at those strides (``guide4``, ``guide2``)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         *fine, low, deep = self.encoder(x)
         feats = {"low": low, "deep": deep}
         if fine:

@@ -78,6 +78,8 @@ class InteractiveSegmentationModule(pl.LightningModule):
             ``False`` is the paper's five-channel input.
         click_skip: the click maps (and previous mask) enter the decoder too, at its strides.
         decoder_stride: 4 (DeepLabV3+) or 2 (a refinement on the stride-2 feature).
+        channels_last: the network in the channels-last memory layout: on an AMD EPYC CPU 1.27x
+            the training steps/s in bfloat16, 1.17x in 32-bit, 1.2-1.3x the inference speed.
         max_iterative_clicks: stage (b) adds 0..this many simulated corrective clicks per batch,
             each predicted by the current model from the clicks before it (and, with
             ``prev_mask``, from its previous prediction).
@@ -128,6 +130,7 @@ class InteractiveSegmentationModule(pl.LightningModule):
         prev_mask: bool = True,
         click_skip: bool = True,
         decoder_stride: int = 4,
+        channels_last: bool = False,
         max_iterative_clicks: int = 4,
         iterative_start: float = 0.2,
         synthetic_corrections: float = 0.5,
@@ -150,7 +153,7 @@ class InteractiveSegmentationModule(pl.LightningModule):
         self.net = DeepLabV3Plus(backbone, 6 if prev_mask else 5, output_stride, aspp_rates, aspp_channels, decoder_channels=decoder_channels,
                                  pretrained=pretrained, num_classes=num_classes,
                                  guide_channels=(3 if prev_mask else 2) if click_skip else 0,
-                                 decoder_stride=decoder_stride)
+                                 decoder_stride=decoder_stride, channels_last=channels_last)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.mas_importance: dict[str, torch.Tensor] | None = None  # <ckpt>.mas.pt, read by test-time adaptation

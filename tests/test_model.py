@@ -26,6 +26,19 @@ def test_deeplab_on_several_backbones(backbone, output_stride, decoder_stride):
     assert net.decode_features(feats).shape[-2:] == ((32, 48) if decoder_stride == 2 else (16, 24))
 
 
+def test_channels_last_network_gives_the_same_logits_and_trains():
+    torch.manual_seed(0)
+    plain = DeepLabV3Plus("resnet10t", in_chans=6, aspp_channels=16, decoder_channels=16, guide_channels=3)
+    fast = DeepLabV3Plus("resnet10t", in_chans=6, aspp_channels=16, decoder_channels=16, guide_channels=3, channels_last=True)
+    fast.load_state_dict(plain.state_dict())  # a checkpoint of either layout loads into the other
+    assert fast.encoder.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(x), fast.eval()(x), atol=1e-4)
+    fast.train()(x).mean().backward()
+    assert all(p.grad is not None for p in fast.head.parameters())
+
+
 def test_unknown_backbone_and_stride_are_user_errors():
     with pytest.raises(UserError, match="unknown backbone 'resnet_nope'"):
         DeepLabV3Plus("resnet_nope")
