@@ -1,3 +1,4 @@
+import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.demos.boring_classes import BoringModel
@@ -5,6 +6,7 @@ from pytorch_lightning.demos.boring_classes import BoringModel
 from callbacks.checkpoint import RunCheckpoint, RunEnvironment
 from callbacks.progress import ProgressLog
 from modules.environment import environment
+from modules.errors import UserError
 
 
 def test_progress_log_is_quiet_and_knows_the_end_of_an_epoch_based_run(capsys):
@@ -45,3 +47,15 @@ def test_the_end_of_training_is_checkpointed_when_the_length_is_no_multiple_of_t
     last = torch.load(folder / "last.ckpt", weights_only=False)
     assert last["global_step"] == 5  # not step 4's weights
     assert all(torch.equal(v, trainer.lightning_module.state_dict()[k]) for k, v in last["state_dict"].items())
+
+
+def test_keep_leaves_only_the_latest_step_checkpoints(tmp_path):
+    trainer = pl.Trainer(max_steps=5, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[RunCheckpoint(every_n_train_steps=1, keep=2)])
+    trainer.fit(BoringModel())
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step00004.ckpt", "step00005.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 5
+    with pytest.raises(UserError, match="keep=0"):
+        RunCheckpoint(keep=0)
+
