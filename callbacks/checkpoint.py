@@ -6,7 +6,7 @@ import os
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from modules.environment import differences, environment
-from modules.errors import UserError
+from modules.errors import check
 
 
 def checkpoint_dir(trainer) -> str:
@@ -26,8 +26,7 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 250, keep: int | None = None):
-        if keep is not None and keep < 1:
-            raise UserError(f"RunCheckpoint keep={keep}: expected a count >= 1, or null to keep every checkpoint")
+        check(keep is None or keep >= 1, f"RunCheckpoint keep={keep}: expected a count >= 1, or null to keep every checkpoint")
         latest = {} if keep is None else {"monitor": "step", "mode": "max"}
         super().__init__(dirpath=dirpath, filename="step{step:05d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_train_steps, save_last=True, save_top_k=-1 if keep is None else keep,

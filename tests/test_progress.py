@@ -58,4 +58,3 @@ def test_keep_leaves_only_the_latest_step_checkpoints(tmp_path):
     assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 5
     with pytest.raises(UserError, match="keep=0"):
         RunCheckpoint(keep=0)
-
