@@ -5,8 +5,9 @@ module's ``adapter``; this callback builds that adapter when testing starts (on 
 with the gradient averaging SA's ``synchronize`` asks for) and removes it afterwards.
 
 A variant (``configs/adapt/<name>.yaml``) holds ``image:`` (IA's settings) and/or ``sequence:``
-(SA's), ``zoom_in:`` (RITM's zoom-in at inference, ``modules.session.ZoomIn``; usable with any of
-them), or ``random_walker:`` (a classical baseline instead of the network); a value that is a
+(SA's), ``zoom_in:`` (RITM's zoom-in at inference, ``modules.session.ZoomIn``) and ``tta:``
+(predictions averaged over a mirrored or rescaled input, ``modules.session.TestTimeAugmentation``),
+both usable with any of them, or ``random_walker:`` (a classical baseline instead of the network); a value that is a
 string takes that part from another variant, so IA+SA restates nothing::
 
     image: ia          # configs/adapt/ia.yaml's image settings
@@ -27,9 +28,10 @@ import yaml
 from modules.adaptation import Adapter, ImageAdaptation, SequenceAdaptation, settings
 from modules.classical import RandomWalker
 from modules.errors import UserError
-from modules.session import ZoomIn
+from modules.session import TestTimeAugmentation, ZoomIn
 
-PARTS = {"image": ImageAdaptation, "sequence": SequenceAdaptation, "zoom_in": ZoomIn, "random_walker": RandomWalker}
+PARTS = {"image": ImageAdaptation, "sequence": SequenceAdaptation, "zoom_in": ZoomIn, "tta": TestTimeAugmentation,
+         "random_walker": RandomWalker}
 
 
 def average_across_ranks(tensors) -> None:
@@ -55,20 +57,21 @@ class TestTimeAdaptation(pl.Callback):
         image: image adaptation's settings (``modules.adaptation.ImageAdaptation``), or none.
         sequence: sequence adaptation's settings (``modules.adaptation.SequenceAdaptation``), or none.
         zoom_in: RITM's zoom-in at inference (``modules.session.ZoomIn``), or none.
+        tta: test-time augmentation of predictions (``modules.session.TestTimeAugmentation``), or none.
     """
 
     def __init__(self, image: ImageAdaptation | None = None, sequence: SequenceAdaptation | None = None,
-                 zoom_in: ZoomIn | None = None):
-        self.image, self.sequence, self.zoom_in = image, sequence, zoom_in
+                 zoom_in: ZoomIn | None = None, tta: TestTimeAugmentation | None = None):
+        self.image, self.sequence, self.zoom_in, self.tta = image, sequence, zoom_in, tta
         self.adapter: Adapter | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.adapter = Adapter(pl_module, self.image, self.sequence, pl_module.mas_importance, rank=trainer.global_rank,
                                reduce_gradients=average_across_ranks)
-        pl_module.adapter, pl_module.zoom_in = self.adapter, self.zoom_in
+        pl_module.adapter, pl_module.zoom_in, pl_module.tta = self.adapter, self.zoom_in, self.tta
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.adapter = pl_module.zoom_in = None
+        pl_module.adapter = pl_module.zoom_in = pl_module.tta = None
 
 
 class ClassicalBaseline(pl.Callback):
@@ -138,7 +141,7 @@ def variant_parts(variant: str | dict[str, Any], adapt_dir: str | Path) -> dict[
         parts = resolve_parts({k: v for k, v in variant.items() if k != "name"}, adapt_dir, f"variant '{name}'")
     built = {part: settings(PARTS[part], values, f"variant '{name}': {part}") for part, values in parts.items()}
     if "random_walker" in built and len(built) > 1:
-        raise UserError(f"variant '{name}': a classical method does not adapt or zoom (no image/sequence/zoom_in with it)")
+        raise UserError(f"variant '{name}': a classical method does not adapt, zoom or augment (no image/sequence/zoom_in/tta with it)")
     return built
 
 

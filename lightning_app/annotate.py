@@ -138,9 +138,12 @@ class Annotator:
         out: the COCO file to write (resumed when it exists).
         mode: the adaptation mode to start with (``fixed``, ``ia``, ``sa``, ``ia_sa``).
         adapt_dir: where the modes' settings are read (``<mode>.yaml``).
+        presets: a sub-folder of ``adapt_dir`` whose ``<mode>.yaml`` the modes use instead (e.g.
+            ``photo``: the real-photo settings ``make tune-real`` chose); empty: ``adapt_dir``'s own.
     """
 
-    def __init__(self, ckpt: str, images: str, out: str, mode: str = "ia_sa", adapt_dir: str | Path = ADAPT_DIR):
+    def __init__(self, ckpt: str, images: str, out: str, mode: str = "ia_sa", adapt_dir: str | Path = ADAPT_DIR,
+                 presets: str = ""):
         self.lock = threading.RLock()
         self.root = Path(images).expanduser()
         self.images = list_images(self.root)
@@ -150,10 +153,12 @@ class Annotator:
         self.module.mas_importance = importance
         self.initial = {n: p.detach().clone() for n, p in self.module.state_dict().items()}
         self.adapters: dict[str, Adapter | None] = {}
+        self.predictors: dict[str, tuple] = {}  # each mode's zoom-in and test-time augmentation, if its config sets them
         for m in MODES:  # all built now, so that each MAS anchor is the checkpoint's weights
-            cb = variant_callback(m, adapt_dir)
+            cb = variant_callback(f"{presets}/{m}" if presets else m, adapt_dir)
             self.adapters[m] = None if (cb.image is None and cb.sequence is None) else \
                 Adapter(self.module, cb.image, cb.sequence, importance)
+            self.predictors[m] = (cb.zoom_in, cb.tta)
         self.set_mode(mode)
         self.sizes: dict[int, tuple[int, int]] = {}
         self.store = CocoStore(out, self.images, self.sizes)
@@ -209,8 +214,8 @@ class Annotator:
             self._close(accepted=False)
             self.current = image_id
             self.session_mode = self.mode
-            adapter = self.adapters[self.mode]
-            self.module.adapter = adapter
+            self.module.adapter = self.adapters[self.mode]
+            self.module.zoom_in, self.module.tta = self.predictors[self.mode]
             self.session = self.module.session(image_to_tensor(image)[None], defer=True)
             return self.state()
 

@@ -222,7 +222,8 @@ def serving(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def serve_app(ckpt: str, images: str, out: str, mode: str = "ia_sa", host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve_app(ckpt: str, images: str, out: str, mode: str = "ia_sa", presets: str = "", host: str = "127.0.0.1",
+              port: int = 8000) -> None:
     """Annotate the images of a folder in the browser; the model learns from your corrections.
 
     Args:
@@ -230,6 +231,8 @@ def serve_app(ckpt: str, images: str, out: str, mode: str = "ia_sa", host: str =
         images: folder of images to annotate (sub-folders included).
         out: the COCO instances file to write; an existing one is resumed.
         mode: adaptation to start with: fixed, ia, sa or ia_sa (changeable on the page).
+        presets: the modes' settings from ``configs/adapt/<presets>/`` instead of ``configs/adapt/``
+            (``photo``: those chosen for real photos, with test-time augmentation).
         host: address to listen on (127.0.0.1: this machine only).
         port: port to listen on.
     """
@@ -237,7 +240,7 @@ def serve_app(ckpt: str, images: str, out: str, mode: str = "ia_sa", host: str =
 
     if mode not in MODES:
         raise UserError(f"mode='{mode}': expected one of {list(MODES)}")
-    annotator = Annotator(ckpt, images, out, mode)
+    annotator = Annotator(ckpt, images, out, mode, presets=presets)
     print(f"annotating {len(annotator.images)} images of {images} -> {out} "
           f"({annotator.progress()['done']} done); open http://{host}:{port}/", flush=True)
     uvicorn.run(create_app(annotator), host=host, port=port, log_level="warning")

@@ -128,6 +128,23 @@ def test_mode_weights_and_latency(client, tmp_path):
     assert all(torch.equal(saved.state_dict()[k], a.initial[k]) for k in a.initial)  # the open image's IA left out
 
 
+def test_photo_presets_predict_with_their_test_time_augmentation(tiny_ckpt_with_importance, tmp_path):
+    from modules.errors import UserError
+    from modules.session import TestTimeAugmentation
+
+    write_images(tmp_path / "images", n=1)
+    a = Annotator(str(tiny_ckpt_with_importance), str(tmp_path / "images"), str(tmp_path / "coco.json"), mode="sa",
+                  presets="photo")
+    a.open(0)
+    a.click(30, 30, True)
+    assert a.session.tta == TestTimeAugmentation(flip=True, scales=(224,)) and a.session.adapter.sequence.lr == 1e-4
+    plain = Annotator(str(tiny_ckpt_with_importance), str(tmp_path / "images"), str(tmp_path / "plain.json"), mode="sa")
+    plain.open(0)
+    assert plain.session.tta is None
+    with pytest.raises(UserError, match="unknown variant 'nope/fixed'"):
+        Annotator(str(tiny_ckpt_with_importance), str(tmp_path / "images"), str(tmp_path / "x.json"), presets="nope")
+
+
 @pytest.mark.parametrize("method,path,body,status,message", [
     ("post", "/api/click", {"x": 3, "y": 3, "positive": True}, 409, "no image is open"),
     ("post", "/api/open", {"image": 99}, 404, "image 99 does not exist"),

@@ -118,6 +118,37 @@ def test_zoom_in_session_crops_around_the_object_and_pastes_back():
         ZoomIn(expansion_ratio=0.5)
 
 
+def test_tta_averages_the_mirrored_and_rescaled_predictions():
+    import torch.nn.functional as F
+
+    from modules.clicks import Click, encode_clicks, scale_clicks
+    from modules.session import TestTimeAugmentation, flip_clicks, network_size
+
+    clicks = torch.tensor([[[3.0, 5.0, 1.0], [10.0, 60.0, -1.0]]])
+    assert torch.equal(encode_clicks(flip_clicks(clicks, 64), (16, 64)), encode_clicks(clicks, (16, 64)).flip(-1))
+    torch.manual_seed(0)
+    m = InteractiveSegmentationModule(aspp_channels=16, decoder_channels=16, eval_max_side=64, prev_mask=True).eval()
+    image = torch.rand(1, 3, 48, 64)
+    plain, mirrored = m.session(image), m.session(image)
+    mirrored.tta = TestTimeAugmentation(flip=True, scales=[32])
+    for s in (plain, mirrored):
+        s.click(Click(20, 10, True))
+        s.click(Click(30, 50, False))
+    hw, small_hw = mirrored.net_hw, network_size(mirrored.net_hw, 32, upscale=True)
+    assert hw == (64, 64) and small_hw == (32, 32)
+    with torch.no_grad():  # the second click by hand: its previous mask is each session's own first prediction
+        x, c, prev = mirrored.net_image, mirrored.net_clicks(), mirrored.history[0]
+        small, small_c = F.interpolate(x, size=small_hw, mode="bilinear"), scale_clicks(c, hw, small_hw)
+        small_prev = F.interpolate(prev, size=small_hw, mode="bilinear")
+        outs = [m(x, c, prev), m(small, small_c, small_prev), m(x.flip(-1), flip_clicks(c, 64), prev.flip(-1)).flip(-1),
+                m(small.flip(-1), flip_clicks(small_c, 32), small_prev.flip(-1)).flip(-1)]
+        expected = torch.stack([F.interpolate(o, size=hw, mode="bilinear") for o in outs]).mean(0)
+    assert torch.allclose(mirrored.history[-1], expected.sigmoid(), atol=1e-6)
+    assert not torch.allclose(plain.history[-1], mirrored.history[-1], atol=1e-3)  # it does change the prediction
+    with pytest.raises(UserError, match="tta"):
+        TestTimeAugmentation(scales=[8])
+
+
 def test_first_click_share_gives_the_benchmarks_first_click_state():
     import numpy as np
 
