@@ -7,8 +7,8 @@ with the gradient averaging SA's ``synchronize`` asks for) and removes it afterw
 A variant (``configs/adapt/<name>.yaml``) holds ``image:`` (IA's settings) and/or ``sequence:``
 (SA's), ``zoom_in:`` (RITM's zoom-in at inference, ``modules.session.ZoomIn``) and ``tta:``
 (predictions averaged over a mirrored or rescaled input, ``modules.session.TestTimeAugmentation``),
-both usable with any of them, or ``random_walker:`` (a classical baseline instead of the network); a value that is a
-string takes that part from another variant, so IA+SA restates nothing::
+both usable with any of them, or ``random_walker:`` (a classical baseline instead of the network);
+a value that is a string takes that part from another variant, so IA+SA restates nothing::
 
     image: ia          # configs/adapt/ia.yaml's image settings
     sequence: sa       # configs/adapt/sa.yaml's sequence settings
@@ -141,7 +141,8 @@ def variant_parts(variant: str | dict[str, Any], adapt_dir: str | Path) -> dict[
         parts = resolve_parts({k: v for k, v in variant.items() if k != "name"}, adapt_dir, f"variant '{name}'")
     built = {part: settings(PARTS[part], values, f"variant '{name}': {part}") for part, values in parts.items()}
     if "random_walker" in built and len(built) > 1:
-        raise UserError(f"variant '{name}': a classical method does not adapt, zoom or augment (no image/sequence/zoom_in/tta with it)")
+        raise UserError(f"variant '{name}': a classical method does not adapt, zoom or augment "
+                        "(no image/sequence/zoom_in/tta with it)")
     return built
 
 

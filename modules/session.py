@@ -75,7 +75,8 @@ class TestTimeAugmentation:
     scales: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if not isinstance(self.flip, bool) or not all(isinstance(s, int) and s >= 32 for s in self.scales):
+        if not isinstance(self.flip, bool) or not isinstance(self.scales, (list, tuple)) \
+                or not all(isinstance(s, int) and s >= 32 for s in self.scales):
             raise UserError(f"tta: {self}: expected flip true or false and scales a list of long sides >= 32 px")
         object.__setattr__(self, "scales", tuple(self.scales))
 
@@ -312,7 +313,8 @@ class InteractiveSession:
         for hw in [self.net_hw] + [network_size(self.net_hw, side, upscale=True) for side in self.tta.scales]:
             image, c, p = self.net_image, clicks, prev
             if hw != self.net_hw:
-                image, c = F.interpolate(image, size=hw, mode="bilinear", align_corners=False), scale_clicks(clicks, self.net_hw, hw)
+                image = F.interpolate(image, size=hw, mode="bilinear", align_corners=False)
+                c = scale_clicks(clicks, self.net_hw, hw)
                 p = None if prev is None else F.interpolate(prev, size=hw, mode="bilinear", align_corners=False)
             if self.tta.flip:
                 out = self.model(torch.cat([image, image.flip(-1)]), torch.cat([c, flip_clicks(c, hw[1])]),
@@ -320,8 +322,8 @@ class InteractiveSession:
                 outputs += [out[:1], out[1:].flip(-1)]
             else:
                 outputs.append(self.model(image, c, p))
-        return torch.stack([o if o.shape[-2:] == self.net_hw else F.interpolate(o, size=self.net_hw, mode="bilinear", align_corners=False)
-                            for o in outputs]).mean(0)
+        return torch.stack([o if o.shape[-2:] == self.net_hw else
+                            F.interpolate(o, size=self.net_hw, mode="bilinear", align_corners=False) for o in outputs]).mean(0)
 
     def full_resolution(self, prob: torch.Tensor, view: Box) -> np.ndarray:
         """A probability map at the network resolution of ``view`` brought to the image's

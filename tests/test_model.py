@@ -145,8 +145,9 @@ def test_tta_averages_the_mirrored_and_rescaled_predictions():
         expected = torch.stack([F.interpolate(o, size=hw, mode="bilinear") for o in outs]).mean(0)
     assert torch.allclose(mirrored.history[-1], expected.sigmoid(), atol=1e-6)
     assert not torch.allclose(plain.history[-1], mirrored.history[-1], atol=1e-3)  # it does change the prediction
-    with pytest.raises(UserError, match="tta"):
-        TestTimeAugmentation(scales=[8])
+    for bad in ([8], 224):
+        with pytest.raises(UserError, match="tta"):
+            TestTimeAugmentation(scales=bad)
 
 
 def test_first_click_share_gives_the_benchmarks_first_click_state():
