@@ -294,11 +294,12 @@ class InteractiveSession:
     # -- predictions -------------------------------------------------------------------------------
     def _predict(self) -> np.ndarray:
         cache = self.adapter.image.cache if self.adapter is not None and self.adapter.image is not None else "none"
+        predict = self.augmented if self.tta is not None else lambda: self.logits(cache=cache)
         with torch.no_grad():
-            logits = self.augmented() if self.tta is not None else self.logits(cache=cache)
+            logits = predict()
             while not bool(torch.isfinite(logits).all()) and self.adapter is not None and self.adapter.recover():
                 self._cache = None
-                logits = self.augmented() if self.tta is not None else self.logits(cache=cache)
+                logits = predict()
         prob = logits.sigmoid()
         self.history.append(prob)
         self.views.append(self.view)
