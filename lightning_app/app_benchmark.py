@@ -45,7 +45,7 @@ def export_images(data: dict[str, Any], out_dir: str, count: int = 20) -> Path:
 
 def app_benchmark(ckpt: str, data: dict[str, Any] = {"dataset": "synthetic", "domain": "fundus", "length": 10, "seed": 7},  # noqa: B006
                   modes: list[str] = list(MODES), clicks: int = 6, think_seconds: float = 0.3,  # noqa: B006
-                  out: str = "runs/app_benchmark/latency.json") -> dict:
+                  presets: str = "", out: str = "runs/app_benchmark/latency.json") -> dict:
     """Click -> mask latency of the annotation app per adaptation mode (p50, p95), through its API.
 
     Args:
@@ -55,6 +55,8 @@ def app_benchmark(ckpt: str, data: dict[str, Any] = {"dataset": "synthetic", "do
         clicks: clicks per image before accepting.
         think_seconds: the user's time between seeing a mask and the next click (the app's
             deferred adaptation runs in it).
+        presets: the modes' settings from ``configs/adapt/<presets>/`` (e.g. ``photo``), as the
+            app's ``--presets``.
         out: where the results go (JSON).
     """
     import httpx
@@ -66,11 +68,11 @@ def app_benchmark(ckpt: str, data: dict[str, Any] = {"dataset": "synthetic", "do
         raise UserError(f"modes: {unknown} unknown (expected some of {list(MODES)})")
     source = build_source(data, "data", 0)
     results: dict[str, Any] = {"checkpoint": ckpt, "data": data, "clicks_per_image": clicks, "think_seconds": think_seconds,
-                               "modes": {}}
+                               "presets": presets, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_images(data, str(Path(tmp) / "images"), count=len(source))  # sorted names: image k is object k
         for mode in modes:
-            annotator = Annotator(ckpt, str(folder), str(Path(tmp) / f"{mode}.json"), mode=mode)
+            annotator = Annotator(ckpt, str(folder), str(Path(tmp) / f"{mode}.json"), mode=mode, presets=presets)
             server, wall = [], []
             with serving(create_app(annotator)) as url, httpx.Client(base_url=url, timeout=60) as client:
                 for k in range(len(source)):

@@ -20,7 +20,7 @@ from modules.errors import UserError, check
 from modules.losses import masked_bce
 
 if TYPE_CHECKING:
-    from modules.session import InteractiveSession
+    from modules.session import Box, InteractiveSession
 
 Cache = Literal["none", "encoder", "decoder"]
 
@@ -28,14 +28,16 @@ Cache = Literal["none", "encoder", "decoder"]
 # -- Eq. 2-4 and MAS ----------------------------------------------------------------------------
 def correction_targets(clicks: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The label vector ``c`` of Eq. 2 as maps: target 1/0 at positive/negative click pixels,
-    ``valid`` marks the corrected pixels (all others are ignored). ``clicks``: ``(B, N, 3)``."""
+    ``valid`` marks the corrected pixels (all others are ignored). ``clicks``: ``(B, N, 3)``;
+    clicks outside ``hw`` (outside a zoom-in view) label nothing."""
     b = clicks.shape[0]
     target = clicks.new_zeros(b, 1, *hw)
     valid = torch.zeros(b, 1, *hw, dtype=torch.bool, device=clicks.device)
     for i in range(b):
         rows = clicks[i][clicks[i, :, 2] != 0]
-        ys = rows[:, 0].round().long().clamp(0, hw[0] - 1)
-        xs = rows[:, 1].round().long().clamp(0, hw[1] - 1)
+        ys, xs = rows[:, 0].round().long(), rows[:, 1].round().long()
+        inside = (ys >= 0) & (ys < hw[0]) & (xs >= 0) & (xs < hw[1])
+        rows, ys, xs = rows[inside], ys[inside], xs[inside]
         valid[i, 0, ys, xs] = True
         target[i, 0, ys, xs] = (rows[:, 2] > 0).to(target.dtype)
     return target, valid
@@ -331,26 +333,31 @@ class Adapter:
         if not self.sequence or n == 0:  # nothing to learn from (an image left without accepting)
             return
         sa = self.sequence
-        clicks = session.net_clicks()[:, :n]
-        previous = (session.probability_after(n) > 0.5).float()
         self._sequence_before = snapshot(self.sa_params)
         with torch.enable_grad():
             self.sa_optimizer.zero_grad(set_to_none=True)
-            inputs = self._sa_inputs(session, clicks, n)
-            loss = sum(adaptation_loss(session.logits(clicks=c, prev=p), clicks, previous, sa.lam) for c, p in inputs)
-            self._step(self.sa_optimizer, self.sa_params, loss / len(inputs), sa.gamma,
+            states = self._sa_states(session, n)
+            loss = 0
+            for view, keep, after in states:  # each state as the network saw it: in its own view
+                with session.seen_in(view):
+                    clicks = session.net_clicks()[:, :n]
+                    previous = (session.probability_after(n) > 0.5).float()
+                    prev = session.probability_after(after) if after is not None else False
+                    loss = loss + adaptation_loss(session.logits(clicks=clicks[:, keep], prev=prev), clicks, previous, sa.lam)
+            self._step(self.sa_optimizer, self.sa_params, loss / len(states), sa.gamma,
                        self.checkpoint, self._sequence_before, reduce=sa.synchronize)
 
-    def _sa_inputs(self, session: "InteractiveSession", clicks: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor | bool]]:
-        """(clicks, previous-mask input) pairs for SA's step on the image's first ``n`` clicks."""
+    def _sa_states(self, session: "InteractiveSession", n: int) -> list[tuple["Box", torch.Tensor, int | None]]:
+        """The inputs of SA's step on the image's first ``n`` clicks, as (view, which clicks,
+        after how many clicks the previous-mask input was predicted, ``None`` for none)."""
         sa = self.sequence
         if sa.inputs == "guidance":  # no previous-mask input: the network propagates the sparse guidance by appearance
             k = max(1, int(round(sa.guidance_ratio * n)))
-            return [(clicks[:, torch.as_tensor(np.sort(self.rng.choice(n, size=k, replace=False)))], False)]
+            return [(session.view, torch.as_tensor(np.sort(self.rng.choice(n, size=k, replace=False))), None)]
         calls = [i for i, c in enumerate(session.counts) if c <= n] or [0]
         later = calls[1:]
         drawn = sorted(self.rng.choice(later, size=min(sa.states - 1, len(later)), replace=False)) if later else []
-        return [(clicks[:, : session.counts[i]], session.probability_after(session.counts[i - 1]) if i else False)
+        return [(session.views[i], torch.arange(min(session.counts[i], n)), session.counts[i - 1] if i else None)
                 for i in [calls[0], *drawn]]
 
     def recover(self) -> bool:

@@ -11,6 +11,7 @@ IA's reset and SA's step when the image is finished.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -166,6 +167,17 @@ class InteractiveSession:
             if self.net_hw != tuple(crop.shape[-2:]) else crop
         self._no_click: torch.Tensor | None = None
         self._cache: tuple[tuple, list[torch.Tensor] | torch.Tensor] | None = None
+
+    @contextmanager
+    def seen_in(self, view: Box):
+        """Let the network see ``view`` for a while (SA replays a click state in the view its
+        prediction was made in), then the current view again."""
+        current = self.view
+        self._set_view(view)
+        try:
+            yield
+        finally:
+            self._set_view(current)
 
     def _update_view(self) -> None:
         """Zoom-in's crop for the latest click, from the prediction before it and the clicks."""

@@ -59,8 +59,8 @@ CLICKS = [Click(20, 20, True), Click(40, 44, False), Click(10, 50, True)]
 
 
 def test_correction_targets_and_loss_terms():
-    clicks = torch.tensor([[[2.0, 3.0, 1.0], [5.0, 1.0, -1.0], [0.0, 0.0, 0.0]]])
-    target, valid = correction_targets(clicks, (8, 8))
+    clicks = torch.tensor([[[2.0, 3.0, 1.0], [5.0, 1.0, -1.0], [0.0, 0.0, 0.0], [9.0, 4.0, -1.0], [3.0, -2.0, 1.0]]])
+    target, valid = correction_targets(clicks, (8, 8))  # the last two lie outside (a zoom-in view): no label
     assert valid.sum() == 2 and valid[0, 0, 2, 3] and valid[0, 0, 5, 1]
     assert target[0, 0, 2, 3] == 1 and target[0, 0, 5, 1] == 0 and target.sum() == 1
     logits = torch.full((1, 1, 8, 8), -20.0)
@@ -178,16 +178,39 @@ def test_sa_states_replays_the_inputs_the_network_had():
     session = m.session(IMAGE)
     for c in [*CLICKS, Click(30, 30, True)]:
         session.click(c)
-    clicks = session.net_clicks()[:, :3]
-    inputs = adapter._sa_inputs(session, clicks, 3)
-    assert len(inputs) == 3 and inputs[0][1] is False and inputs[0][0].shape[1] == 1
-    for (c, prev), i in zip(inputs[1:], (1, 2)):
-        assert c.shape[1] == i + 1 and torch.equal(prev, session.history[i - 1])
+    states = adapter._sa_states(session, 3)
+    assert len(states) == 3 and states[0][2] is None and states[0][1].tolist() == [0]
+    for (view, keep, prev), i in zip(states[1:], (1, 2)):
+        assert view == session.views[i] and len(keep) == i + 1 and torch.equal(session.probability_after(prev), session.history[i - 1])
     start = weights(m)
     session.finish(upto=3)
     assert not same(start, weights(m)), "SA must change the weights"
     with pytest.raises(UserError, match="sequence.inputs='everything'"):
         SequenceAdaptation(inputs="everything")
+
+
+def test_sa_replays_each_state_in_the_view_it_was_predicted_in():
+    """With zoom-in the first clicks are predicted on the whole image and later ones on a crop:
+    SA's step sees each replayed state as the network saw it, and the session's view is kept."""
+    from modules.session import ZoomIn
+
+    m = small_module(prev_mask=True)
+    with torch.no_grad():
+        m.net.head.bias.fill_(-20.0)  # an empty prediction: the crop is the positive clicks' box
+    m.adapter = Adapter(m, sequence=SequenceAdaptation(inputs="states", states=3, lr=1e-3, gamma=0.0))
+    session = m.session(IMAGE)
+    session.zoom_in = ZoomIn(skip_clicks=1, min_crop_size=24, expansion_ratio=1.0)
+    seen = []
+    logits = session.logits
+    session.logits = lambda **kw: seen.append((session.view, session.net_image.shape[-2:])) or logits(**kw)
+    for c in CLICKS:
+        session.click(c)
+    assert session.views[0] == session.whole and session.view != session.whole
+    current = session.view
+    states = m.adapter._sa_states(session, 3)
+    seen.clear()
+    session.finish()
+    assert [v for v, _ in seen] == [v for v, _, _ in states] and seen[0][0] == session.whole and session.view == current
 
 
 def test_undo_gives_the_weights_of_the_remaining_clicks():

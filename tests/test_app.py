@@ -130,14 +130,15 @@ def test_mode_weights_and_latency(client, tmp_path):
 
 def test_photo_presets_predict_with_their_test_time_augmentation(tiny_ckpt_with_importance, tmp_path):
     from modules.errors import UserError
-    from modules.session import TestTimeAugmentation
+    from modules.session import TestTimeAugmentation, ZoomIn
 
     write_images(tmp_path / "images", n=1)
     a = Annotator(str(tiny_ckpt_with_importance), str(tmp_path / "images"), str(tmp_path / "coco.json"), mode="sa",
                   presets="photo")
     a.open(0)
     a.click(30, 30, True)
-    assert a.session.tta == TestTimeAugmentation(flip=True, scales=(224,)) and a.session.adapter.sequence.lr == 1e-4
+    assert a.session.tta == TestTimeAugmentation(flip=True) and a.session.adapter.sequence.lr == 1e-4
+    assert a.session.zoom_in == ZoomIn(skip_clicks=5, expansion_ratio=2.0, target_size=256)
     plain = Annotator(str(tiny_ckpt_with_importance), str(tmp_path / "images"), str(tmp_path / "plain.json"), mode="sa")
     plain.open(0)
     assert plain.session.tta is None
@@ -301,8 +302,8 @@ def test_app_benchmark_times_a_real_server(tiny_ckpt_with_importance, tmp_path):
 
     out = tmp_path / "latency.json"
     r = app_benchmark(str(tiny_ckpt_with_importance), {"dataset": "synthetic", "domain": "fundus", "length": 2, "seed": 7},
-                      modes=["fixed", "ia"], clicks=2, think_seconds=0.0, out=str(out))
-    assert json.loads(out.read_text()) == r
+                      modes=["fixed", "ia"], clicks=2, think_seconds=0.0, presets="photo", out=str(out))
+    assert json.loads(out.read_text()) == r and r["presets"] == "photo"
     for mode in ("fixed", "ia"):
         m = r["modes"][mode]
         assert m["clicks"] == 4 and 0 < m["p50"] <= m["p95"] and m["http_p50"] >= m["p50"]
