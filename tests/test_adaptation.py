@@ -180,8 +180,8 @@ def test_sa_states_replays_the_inputs_the_network_had():
         session.click(c)
     states = adapter._sa_states(session, 3)
     assert len(states) == 3 and states[0][2] is None and states[0][1].tolist() == [0]
-    for (view, keep, prev), i in zip(states[1:], (1, 2)):
-        assert view == session.views[i] and len(keep) == i + 1 and torch.equal(session.probability_after(prev), session.history[i - 1])
+    for (view, keep, after), i in zip(states[1:], (1, 2)):
+        assert view == session.views[i] and len(keep) == i + 1 and torch.equal(session.probability_after(after), session.history[i - 1])
     start = weights(m)
     session.finish(upto=3)
     assert not same(start, weights(m)), "SA must change the weights"
