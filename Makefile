@@ -43,7 +43,7 @@ lock: ## re-resolve the newest dependencies into .venv and pin them in constrain
 	{ sed -n '/^#/p' constraints.txt; $(VENV)/bin/pip freeze --exclude-editable; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 	@touch $(STAMP)
 
-demo: $(STAMP) ## train the initial model on the embedded source domain, then fixed/IA/SA/IA+SA on 20 objects per domain -> runs/demo/
+demo: $(STAMP) ## train the initial model on the embedded source domain, then the network alone and fixed / IA / SA / IA+SA with zoom-in on 20 objects per domain -> runs/demo/
 	$(MAKE) --no-print-directory train-init
 	$(PY) -m lightning_app benchmark --config configs/benchmark.yaml --config configs/demo.yaml --ckpt $(CKPT) $(ARGS)
 
@@ -55,7 +55,7 @@ train-paper: $(STAMP) ## paper A's 5-channel network with the same recipe (no pr
 	$(PY) -m lightning_app fit --config configs/train_init.yaml --config configs/model/paper.yaml --trainer.default_root_dir runs/train_paper --trainer.logger.init_args.save_dir runs/train_paper --trainer.logger.init_args.name train_paper --ckpt_path last $(ARGS)
 	$(PY) -m lightning_app importance --ckpt runs/train_paper/checkpoints/last.ckpt
 
-benchmark: $(STAMP) ## fixed / IA / SA / IA+SA on 100 objects per domain, with 95% intervals -> runs/benchmark/
+benchmark: $(STAMP) ## the network alone and fixed / IA / SA / IA+SA with zoom-in on 100 objects per domain, with 95% intervals -> runs/benchmark/
 	$(PY) -m lightning_app benchmark --config configs/benchmark.yaml --ckpt $(CKPT) --out_dir $(BENCH_OUT) $(ARGS)
 
 seeds: $(STAMP) ## train-init and benchmark with each of SEEDS (default 0,1,2; seed 0 is train-init's), then the spread over the models -> SPREAD_OUT (runs/spread/)
@@ -68,7 +68,7 @@ seeds: $(STAMP) ## train-init and benchmark with each of SEEDS (default 0,1,2; s
 	  runs=$$runs,$(BENCH_OUT)$$suffix; \
 	done; $(PY) -m lightning_app spread --runs "[$${runs#,}]" --out_dir $(SPREAD_OUT)
 
-adapt-sequence: $(STAMP) ## SA along a 500-object fundus sequence (its learning curve) -> runs/benchmark_sequence/
+adapt-sequence: $(STAMP) ## SA (with the network alone and with zoom-in) along a 500-object fundus sequence (its learning curve) -> runs/benchmark_sequence/
 	$(PY) -m lightning_app benchmark --config configs/benchmark_sequence.yaml --ckpt $(CKPT) $(ARGS)
 
 tune: $(STAMP) ## choose the adaptation settings on the tuning domain (cells) -> runs/tune/

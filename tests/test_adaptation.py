@@ -23,6 +23,7 @@ from modules.adaptation import (Adapter, ImageAdaptation, SequenceAdaptation, ad
 from modules.clicks import Click
 from modules.errors import UserError
 from modules.interactive import EvaluationProtocol, InteractiveSegmentationModule
+from modules.session import ZoomIn
 
 
 def small_module(prev_mask: bool = False) -> InteractiveSegmentationModule:
@@ -192,7 +193,6 @@ def test_sa_states_replays_the_inputs_the_network_had():
 def test_sa_replays_each_state_in_the_view_it_was_predicted_in():
     """With zoom-in the first clicks are predicted on the whole image and later ones on a crop:
     SA's step sees each replayed state as the network saw it, and the session's view is kept."""
-    from modules.session import ZoomIn
 
     m = small_module(prev_mask=True)
     with torch.no_grad():
@@ -301,6 +301,9 @@ def test_variants_compose_without_restating(tmp_path):
         for variant in yaml.safe_load(config.read_text()).get("variants", []):
             variant_callback(variant, adapt)
     assert variant_callback("sa_mas", adapt).sequence.gamma == 0.03 and variant_callback("sa", adapt).sequence.gamma == 0.0
+    plain, zoom = variant_callback("ia_sa", adapt), variant_callback("zoom/ia_sa", adapt)  # the same adaptation, RITM's predictor
+    assert (zoom.image, zoom.sequence) == (plain.image, plain.sequence) and plain.zoom_in is None is plain.tta
+    assert zoom.zoom_in == ZoomIn(skip_clicks=3, expansion_ratio=2.0, min_crop_size=32, target_size=192) and zoom.tta.flip
     inline = variant_callback({"name": "x", "image": "ia", "sequence": {"lr": 3e-5}}, adapt)
     assert inline.image == paper.image.__class__(**read_variant("ia", adapt)["image"]) and inline.sequence.lr == 3e-5
     (tmp_path / "bad.yaml").write_text("image: {steps: 3, rate: 1}\n")
@@ -318,7 +321,6 @@ def test_variants_compose_without_restating(tmp_path):
 
 
 def test_ia_with_zoom_in_adapts_in_the_crop_and_undo_replays_it():
-    from modules.session import ZoomIn
 
     m = small_module(prev_mask=True)
     m.adapter, m.zoom_in = Adapter(m, ImageAdaptation(steps=2, lr=1e-3, gamma=0.0)), ZoomIn(skip_clicks=1, min_crop_size=24)
