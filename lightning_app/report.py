@@ -69,16 +69,23 @@ Line = tuple[np.ndarray, np.ndarray, str]
 def save_panels(path: Path, panels: dict[str, list[Line]], xlabel: str, ylabel: str, marker: str | None = None,
                 bands: dict[str, list[tuple[np.ndarray, np.ndarray]]] | None = None) -> Path:
     """One panel per title, one line per ``(x, y, label)`` (with an optional shaded band per
-    line), IoU axis 0..1, written atomically."""
+    line), IoU axis 0..1, written atomically. A preset from a sub-folder (label ``zoom/sa ...``)
+    is drawn dashed in the colour of the variant it is a preset of (``sa``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, lines) in zip(axes[0], panels.items()):
+        bases: list[str] = []
         for i, (x, y, label) in enumerate(lines):
-            (line,) = ax.plot(x, y, marker=marker, label=label)
+            variant = label.split(" ")[0]
+            base = variant.rsplit("/", 1)[-1]
+            bases += [base] if base not in bases else []
+            (line,) = ax.plot(x, y, marker=marker, label=label, color=colours[bases.index(base) % len(colours)],
+                              linestyle="--" if "/" in variant else "-")
             if bands and title in bands:
                 lo, hi = bands[title][i]
                 ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
