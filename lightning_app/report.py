@@ -79,13 +79,11 @@ def save_panels(path: Path, panels: dict[str, list[Line]], xlabel: str, ylabel: 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, lines) in zip(axes[0], panels.items()):
-        bases: list[str] = []
+        order: dict[str, int] = {}  # variant (without its preset folder) -> its colour's index
         for i, (x, y, label) in enumerate(lines):
             variant = label.split(" ")[0]
-            base = variant.rsplit("/", 1)[-1]
-            bases += [base] if base not in bases else []
-            (line,) = ax.plot(x, y, marker=marker, label=label, color=colours[bases.index(base) % len(colours)],
-                              linestyle="--" if "/" in variant else "-")
+            colour = colours[order.setdefault(variant.rsplit("/", 1)[-1], len(order)) % len(colours)]
+            (line,) = ax.plot(x, y, marker=marker, label=label, color=colour, linestyle="--" if "/" in variant else "-")
             if bands and title in bands:
                 lo, hi = bands[title][i]
                 ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)

@@ -321,7 +321,6 @@ def test_variants_compose_without_restating(tmp_path):
 
 
 def test_ia_with_zoom_in_adapts_in_the_crop_and_undo_replays_it():
-
     m = small_module(prev_mask=True)
     m.adapter, m.zoom_in = Adapter(m, ImageAdaptation(steps=2, lr=1e-3, gamma=0.0)), ZoomIn(skip_clicks=1, min_crop_size=24)
     one = m.session(IMAGE)
