@@ -165,6 +165,8 @@ def run_benchmark(
                 if main:
                     _log_to_wandb(wandb_project, group, out, name, ds, records, entry, max_clicks)
         if main:
+            if _in_order(results, names):  # e.g. a variant first run alone, now in the config
+                report.write_results(out, results)
             _log_comparison(wandb_project, group, out, results)
             files = report.write_reports(out, results)
             report.print_table(results)
@@ -192,11 +194,18 @@ def forget_changed_variants(results: dict, specs: dict[str, dict]) -> bool:
     return changed
 
 
-def _in_order(results: dict, names: list[str]) -> None:
-    """Each dataset's variants in the config's order (a variant re-run alone keeps its row)."""
+def _in_order(results: dict, names: list[str]) -> bool:
+    """Each dataset's variants that ``names`` lists, in its order, in the places they hold; the
+    others stay where they are (a variant run alone keeps its row; a new one comes last).
+    Returns whether any order changed."""
+    changed = False
     for key in ("results", "objects"):
         for ds, variants in results[key].items():
-            results[key][ds] = dict(sorted(variants.items(), key=lambda kv: names.index(kv[0]) if kv[0] in names else len(names)))
+            named = iter(sorted((v for v in variants if v in names), key=names.index))
+            order = [next(named) if v in names else v for v in variants]
+            changed = changed or order != list(variants)
+            results[key][ds] = {v: variants[v] for v in order}
+    return changed
 
 
 @contextmanager

@@ -121,6 +121,10 @@ def test_variants_keep_the_configs_order_when_one_is_rerun():
     _in_order(results, ["fixed", "sa", "ia_sa"])
     assert list(results["results"]["fundus"]) == ["fixed", "sa", "ia_sa"]
     assert list(results["objects"]["fundus"]) == ["fixed", "sa", "old"]
+    results["results"]["fundus"]["sa_norm"] = 4  # a variant added later, run alone, comes last
+    assert not _in_order(results, ["sa_norm"]) and list(results["results"]["fundus"])[-1] == "sa_norm"
+    assert _in_order(results, ["fixed", "sa_norm", "sa", "ia_sa"])  # the config that names it puts it in its place
+    assert list(results["results"]["fundus"]) == ["fixed", "sa_norm", "sa", "ia_sa"]
 
 
 def test_a_second_benchmark_on_the_same_folder_is_refused(tiny_ckpt, tmp_path):
