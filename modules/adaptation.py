@@ -9,7 +9,6 @@ same objects.
 from __future__ import annotations
 
 import re
-from collections import deque
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
@@ -192,9 +191,6 @@ class SequenceAdaptation:
         guidance_ratio: fraction of the clicks given as guidance (at least one; ``guidance``).
         states: click states replayed per step (``states``): the first, and ``states - 1`` drawn
             among the later ones.
-        replay: earlier images whose click states (drawn anew) join each step, the latest first:
-            the step follows what the last ``replay + 1`` images share instead of the last one
-            alone (0: the paper's batch of one image).
         seed: seed of the guidance subsampling and the state draw.
         synchronize: under DDP, average the gradients of all ranks in every step (one sequence
             of weights learnt from every rank's images); otherwise each rank adapts along its
@@ -208,7 +204,6 @@ class SequenceAdaptation:
     inputs: Literal["guidance", "states"] = "guidance"
     guidance_ratio: float = 0.5
     states: int = 2
-    replay: int = 0
     seed: int = 0
     synchronize: bool = False
 
@@ -217,7 +212,6 @@ class SequenceAdaptation:
         check(0 <= self.lam <= 1, f"sequence.lam={self.lam}: expected a value in [0, 1]")
         check(self.gamma >= 0, f"sequence.gamma={self.gamma}: expected a value >= 0")
         check(0 < self.guidance_ratio <= 1, f"sequence.guidance_ratio={self.guidance_ratio}: expected a value in (0, 1]")
-        check(self.replay >= 0, f"sequence.replay={self.replay}: expected a number of images >= 0")
         check(self.inputs in ("guidance", "states"), f"sequence.inputs='{self.inputs}': expected guidance or states")
         check(self.states >= 1, f"sequence.states={self.states}: expected at least 1")
 
@@ -290,7 +284,6 @@ class Adapter:
         self.ia_steps = 0
         self._click_start: dict[str, torch.Tensor] | None = None  # IA's weights before the latest click
         self._sequence_before: dict[str, torch.Tensor] | None = None  # SA's weights before its latest step
-        self._earlier: deque = deque(maxlen=sequence.replay if sequence else 0)  # (session, clicks) SA replays
 
     # -- the session's calls ---------------------------------------------------------------------
     def begin(self, session: "InteractiveSession") -> None:
@@ -343,19 +336,16 @@ class Adapter:
         self._sequence_before = snapshot(self.sa_params)
         with torch.enable_grad():
             self.sa_optimizer.zero_grad(set_to_none=True)
-            loss, count = 0, 0
-            for image, upto in [(session, n), *self._earlier]:
-                for view, keep, after in self._sa_states(image, upto):  # each state as the network saw it
-                    with image.seen_in(view):
-                        clicks = image.net_clicks()[:, :upto]
-                        previous = (image.probability_after(upto) > 0.5).float()
-                        prev = image.probability_after(after) if after is not None else False
-                        loss = loss + adaptation_loss(image.logits(clicks=clicks[:, keep], prev=prev), clicks, previous, sa.lam)
-                    count += 1
-            self._step(self.sa_optimizer, self.sa_params, loss / count, sa.gamma,
+            states = self._sa_states(session, n)
+            loss = 0
+            for view, keep, after in states:  # each state as the network saw it: in its own view
+                with session.seen_in(view):
+                    clicks = session.net_clicks()[:, :n]
+                    previous = (session.probability_after(n) > 0.5).float()
+                    prev = session.probability_after(after) if after is not None else False
+                    loss = loss + adaptation_loss(session.logits(clicks=clicks[:, keep], prev=prev), clicks, previous, sa.lam)
+            self._step(self.sa_optimizer, self.sa_params, loss / len(states), sa.gamma,
                        self.checkpoint, self._sequence_before, reduce=sa.synchronize)
-        if self._earlier.maxlen:
-            self._earlier.appendleft((session, n))
 
     def _sa_states(self, session: "InteractiveSession", n: int) -> list[tuple["Box", torch.Tensor, int | None]]:
         """The inputs of SA's step on the image's first ``n`` clicks, as (view, which clicks,

@@ -190,30 +190,6 @@ def test_sa_states_replays_the_inputs_the_network_had():
         SequenceAdaptation(inputs="everything")
 
 
-def test_sa_replay_steps_on_the_earlier_images_states_too():
-    """``replay: k``: SA's step also replays the click states of the ``k`` images before, the
-    latest first; with ``replay: 0`` it sees the finished image alone (the paper's)."""
-    m = small_module(prev_mask=True)
-    m.adapter = Adapter(m, sequence=SequenceAdaptation(inputs="states", states=2, lr=1e-3, gamma=0.0, replay=2))
-    seen = []
-    sessions = []
-    for i in range(4):
-        session = m.session(torch.roll(IMAGE, 7 * i, dims=-1))
-        for c in CLICKS[: 2 + i % 2]:
-            session.click(c)
-        logits = session.logits
-        session.logits = lambda logits=logits, i=i, **kw: seen.append(i) or logits(**kw)
-        seen.clear()
-        session.finish()
-        sessions.append(session)
-        assert sorted(set(seen)) == list(range(max(0, i - 2), i + 1)), f"image {i} replayed {sorted(set(seen))}"
-    assert [s for s, _ in m.adapter._earlier] == sessions[:1:-1] and [n for _, n in m.adapter._earlier] == [3, 2]
-    alone = Adapter(small_module(prev_mask=True), sequence=SequenceAdaptation(inputs="states", states=2, lr=1e-3, gamma=0.0))
-    assert alone._earlier.maxlen == 0
-    with pytest.raises(UserError, match="sequence.replay=-1"):
-        SequenceAdaptation(replay=-1)
-
-
 def test_sa_replays_each_state_in_the_view_it_was_predicted_in():
     """With zoom-in the first clicks are predicted on the whole image and later ones on a crop:
     SA's step sees each replayed state as the network saw it, and the session's view is kept."""
