@@ -68,7 +68,7 @@ seeds: $(STAMP) ## train-init and benchmark with each of SEEDS (default 0,1,2; s
 	  runs=$$runs,$(BENCH_OUT)$$suffix; \
 	done; $(PY) -m lightning_app spread --runs "[$${runs#,}]" --out_dir $(SPREAD_OUT)
 
-adapt-sequence: $(STAMP) ## SA (all weights, normalisation layers only, with zoom-in) along a 500-object fundus sequence (its learning curve) -> runs/benchmark_sequence/
+adapt-sequence: $(STAMP) ## SA (at its rate and at half, normalisation layers only, with zoom-in) along a 500-object fundus sequence (its learning curve) -> runs/benchmark_sequence/
 	$(PY) -m lightning_app benchmark --config configs/benchmark_sequence.yaml --ckpt $(CKPT) $(ARGS)
 
 tune: $(STAMP) ## choose the adaptation settings on the tuning domain (cells) -> runs/tune/
