@@ -156,7 +156,6 @@ def run_benchmark(
                 results["results"].setdefault(ds.name, {})[name] = entry
                 results["objects"].setdefault(ds.name, {})[name] = {"names": [r.name for r in records],
                                                                     "ious": [[round(float(v), 5) for v in r.ious] for r in records]}
-                _in_order(results, names)
                 report.write_results(out, results)
                 t = report.headline_threshold(protocol, ds.name)
                 print(f"{name} · {ds.name}: {entry['n_objects']} objects, NoC@{t} {entry['noc'][t]:.2f} "
@@ -165,7 +164,7 @@ def run_benchmark(
                 if main:
                     _log_to_wandb(wandb_project, group, out, name, ds, records, entry, max_clicks)
         if main:
-            if _in_order(results, names):  # e.g. a variant first run alone, now in the config
+            if _in_order(results, names):  # the config's order, once every variant has run or was kept
                 report.write_results(out, results)
             _log_comparison(wandb_project, group, out, results)
             files = report.write_reports(out, results)
