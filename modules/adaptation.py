@@ -108,14 +108,17 @@ def mas_importance(model: nn.Module, outputs: Callable[[object], torch.Tensor], 
 
 def select_parameters(model: nn.Module, which: str) -> dict[str, nn.Parameter]:
     """The parameters that adapt: ``all``, ``decoder`` (everything outside the encoder),
-    ``norm`` (the affine parameters of normalisation layers), or a regular expression over
-    parameter names."""
+    ``head`` (the final 1x1 classifier), ``norm`` (the affine parameters of normalisation
+    layers), or a regular expression over parameter names."""
     named = dict(model.named_parameters())
     if which == "all":
         chosen = named
     elif which == "decoder":
         encoder = {id(p) for p in model.net.encoder.parameters()}
         chosen = {n: p for n, p in named.items() if id(p) not in encoder}
+    elif which == "head":
+        head = {id(p) for p in model.net.head.parameters()}
+        chosen = {n: p for n, p in named.items() if id(p) in head}
     elif which == "norm":
         norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for p in m.parameters()}
         chosen = {n: p for n, p in named.items() if id(p) in norms}
@@ -123,7 +126,7 @@ def select_parameters(model: nn.Module, which: str) -> dict[str, nn.Parameter]:
         try:
             pattern = re.compile(which)
         except re.error as e:
-            raise UserError(f"parameters='{which}': not 'all', 'decoder', 'norm' or a valid regular expression ({e})") from e
+            raise UserError(f"parameters='{which}': not 'all', 'decoder', 'head', 'norm' or a valid regular expression ({e})") from e
         chosen = {n: p for n, p in named.items() if pattern.search(n)}
     if not chosen:
         raise UserError(f"parameters='{which}' selects no parameter of the model")
