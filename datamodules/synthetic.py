@@ -13,6 +13,7 @@ scene per ``(seed, index)``; the scene's instance map gives every object's mask.
 """
 from __future__ import annotations
 
+import inspect
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -201,11 +202,15 @@ ROOF_COLOURS = np.array([[150, 150, 155], [160, 80, 60], [110, 85, 70], [60, 60,
 """Tiles, slate, tar, and the mossy or dusty shades that sit close to the ground's own colours."""
 
 
-def render_rooftop(rng: np.random.Generator, size: int) -> Scene:
+def render_rooftop(rng: np.random.Generator, size: int, facet_light: float = 0.3, tile_lines: float = 0.08) -> Scene:
     """Aerial tiles: ground, a road, then a terrace of 1-3 attached buildings (each roof its own
     object; neighbours share a wall and differ only in shade), gable or hip roofs whose facets
     the sun lights differently, in colours close to the ground's, shadows, and trees that may
-    hide roof edges."""
+    hide roof edges.
+
+    Style (the same scenes either way, only shaded differently): ``facet_light`` is how much
+    brighter the facet facing the sun is than the mean (0.3: +-30 %), ``tile_lines`` the depth
+    of the tile rows' stripes (0.08: 8 %)."""
     h = w = size
     g1 = np.array([rng.uniform(70, 110), rng.uniform(90, 130), rng.uniform(50, 80)], np.float32)
     g2 = np.array([rng.uniform(120, 160), rng.uniform(110, 140), rng.uniform(80, 110)], np.float32)
@@ -254,8 +259,8 @@ def render_rooftop(rng: np.random.Generator, size: int) -> Scene:
             end = np.abs(along) - (length - width) / 2 > np.abs(across)
             facet = np.where(end, np.where(along > 0, 1, 3), np.where(across > 0, 0, 2))
         normals = a + np.array([np.pi / 2, 0.0, -np.pi / 2, np.pi])  # each facet's downhill direction
-        light = (1.0 + 0.3 * np.cos(normals - sun)).astype(np.float32)
-        tiles = 0.92 + 0.08 * np.sin(np.where(facet % 2 == 0, across, along) * 2 * np.pi / rng.uniform(2.5, 4.0))
+        light = (1.0 + facet_light * np.cos(normals - sun)).astype(np.float32)
+        tiles = (1.0 - tile_lines) + tile_lines * np.sin(np.where(facet % 2 == 0, across, along) * 2 * np.pi / rng.uniform(2.5, 4.0))
         img[roof_b] = (colour[None, None] * (light[facet] * tiles)[..., None])[roof_b]
         instances[roof_b] = k
     for _ in range(int(rng.integers(2, 8))):  # trees, over roof edges too
@@ -295,12 +300,21 @@ DOMAINS: dict[str, Callable[[np.random.Generator, int], Scene]] = {
 }
 
 
-def render(domain: str, seed: int, index: int, size: int = 128) -> Scene:
-    """Render scene ``index`` of ``domain``; the same arguments always give the same scene."""
+def check_style(domain: str, style: dict) -> None:
+    """Every key of ``style`` must be a keyword of the domain's renderer (a clear error if not)."""
+    known = [p for p in inspect.signature(DOMAINS[domain]).parameters if p not in ("rng", "size")]
+    for key in style:
+        if key not in known:
+            raise UserError(f"style key '{key}' unknown for domain '{domain}': expected one of {known}")
+
+
+def render(domain: str, seed: int, index: int, size: int = 128, style: dict | None = None) -> Scene:
+    """Render scene ``index`` of ``domain``; the same arguments always give the same scene.
+    ``style``: keyword arguments of the domain's renderer (e.g. rooftop's ``facet_light``)."""
     if domain not in DOMAINS:
         raise KeyError(domain)
     rng = np.random.default_rng([seed, index, zlib.crc32(domain.encode())])
-    return DOMAINS[domain](rng, size)
+    return DOMAINS[domain](rng, size, **(style or {}))
 
 
 class SyntheticObjects:
@@ -310,9 +324,12 @@ class SyntheticObjects:
     least ``min_area`` pixels (scenes without one are redrawn under a shifted index).
     """
 
-    def __init__(self, domain: str, length: int, seed: int, size: int = 128, min_area: int = 64):
+    def __init__(self, domain: str, length: int, seed: int, size: int = 128, min_area: int = 64,
+                 style: dict | None = None):
         if domain not in DOMAINS:
             raise UserError(f"unknown domain '{domain}': expected one of {sorted(DOMAINS)}")
+        self.style = dict(style or {})
+        check_style(domain, self.style)
         if length < 1:
             raise UserError(f"length={length} for domain '{domain}': expected at least 1")
         self.domain, self.length, self.seed, self.size, self.min_area = domain, length, seed, size, min_area
@@ -334,7 +351,7 @@ class SyntheticObjects:
 
     def _draw(self, index: int) -> Sample:
         for attempt in range(100):
-            scene = render(self.domain, self.seed, index + attempt * 10_000_019, self.size)
+            scene = render(self.domain, self.seed, index + attempt * 10_000_019, self.size, self.style)
             ids, areas = np.unique(scene.instances[scene.instances > 0], return_counts=True)
             ids = ids[areas >= self.min_area]
             if scene.targets is not None:

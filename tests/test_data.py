@@ -19,6 +19,20 @@ def test_rendering_is_deterministic_and_domains_differ():
     assert np.linalg.norm(means["fundus"] - means["rooftop"]) > 30
 
 
+def test_a_style_reshades_the_same_scenes_and_unknown_keys_are_errors():
+    plain = render("rooftop", 0, 7, 64)
+    same = render("rooftop", 0, 7, 64, {"facet_light": 0.3, "tile_lines": 0.08})  # the defaults
+    lit = render("rooftop", 0, 7, 64, {"facet_light": 0.9, "tile_lines": 0.3})
+    assert np.array_equal(plain.image, same.image)
+    assert np.array_equal(plain.instances, lit.instances) and not np.array_equal(plain.image, lit.image)
+    roofs = plain.instances > 0
+    assert lit.image[roofs].std() > plain.image[roofs].std()  # facets and tile rows further apart
+    ds = SyntheticObjects("rooftop", 2, seed=0, size=64, style={"facet_light": 0.9})
+    assert not np.array_equal(ds.get_image(0), SyntheticObjects("rooftop", 2, seed=0, size=64).get_image(0))
+    with pytest.raises(UserError, match="style key 'shine' unknown for domain 'rooftop'"):
+        SyntheticObjects("rooftop", 2, seed=0, style={"shine": 1.0})
+
+
 def test_synthetic_objects_have_a_real_target():
     ds = SyntheticObjects("rooftop", 10, seed=3, size=64, min_area=30)
     for i in range(len(ds)):
