@@ -292,7 +292,7 @@ def render_cells(rng: np.random.Generator, size: int) -> Scene:
     return Scene(_finish(img, rng, blur=rng.uniform(0.6, 1.2), noise=rng.uniform(3, 6)), instances)
 
 
-DOMAINS: dict[str, Callable[[np.random.Generator, int], Scene]] = {
+DOMAINS: dict[str, Callable[..., Scene]] = {  # (rng, size, **style) -> Scene
     "source": render_source,
     "fundus": render_fundus,
     "rooftop": render_rooftop,
@@ -303,6 +303,8 @@ DOMAINS: dict[str, Callable[[np.random.Generator, int], Scene]] = {
 def check_style(domain: str, style: dict) -> None:
     """Every key of ``style`` must be a keyword of the domain's renderer (a clear error if not)."""
     known = [p for p in inspect.signature(DOMAINS[domain]).parameters if p not in ("rng", "size")]
+    if not isinstance(style, dict):
+        raise UserError(f"style={style!r} for domain '{domain}': expected a mapping of {known} to values")
     for key in style:
         if key not in known:
             raise UserError(f"style key '{key}' unknown for domain '{domain}': expected one of {known}")
@@ -328,8 +330,8 @@ class SyntheticObjects:
                  style: dict | None = None):
         if domain not in DOMAINS:
             raise UserError(f"unknown domain '{domain}': expected one of {sorted(DOMAINS)}")
+        check_style(domain, style or {})
         self.style = dict(style or {})
-        check_style(domain, self.style)
         if length < 1:
             raise UserError(f"length={length} for domain '{domain}': expected at least 1")
         self.domain, self.length, self.seed, self.size, self.min_area = domain, length, seed, size, min_area

@@ -31,6 +31,8 @@ def test_a_style_reshades_the_same_scenes_and_unknown_keys_are_errors():
     assert not np.array_equal(ds.get_image(0), SyntheticObjects("rooftop", 2, seed=0, size=64).get_image(0))
     with pytest.raises(UserError, match="style key 'shine' unknown for domain 'rooftop'"):
         SyntheticObjects("rooftop", 2, seed=0, style={"shine": 1.0})
+    with pytest.raises(UserError, match="expected a mapping"):
+        SyntheticObjects("rooftop", 2, seed=0, style="lit")
 
 
 def test_synthetic_objects_have_a_real_target():
