@@ -30,7 +30,7 @@ from datamodules.datasets.ritm import BerkeleyObjects, COCOMValObjects, DavisObj
 from datamodules.datasets.rooftop import RooftopObjects
 from datamodules.datasets.voc import SBDObjects, VOCObjects
 from datamodules.objects import ObjectSource, Sample
-from datamodules.synthetic import SyntheticObjects
+from datamodules.synthetic import DOMAINS, SyntheticObjects, resolve_style
 from modules.errors import UserError
 
 DATASETS: dict[str, Callable[..., ObjectSource]] = {
@@ -196,6 +196,16 @@ def build_source(entry: str | dict[str, Any], where: str, min_area: int | None =
     if hasattr(source, "describe"):
         print(source.describe())
     return select(source, where, **chosen)
+
+
+def entry_identity(entry: str | dict[str, Any]) -> dict[str, Any]:
+    """The entry with every default that shapes its images written out (a synthetic domain's
+    renderer style): results recorded under another identity were made from other data."""
+    spec = {"dataset": entry} if isinstance(entry, str) else dict(entry)
+    if spec.get("dataset") == "synthetic" and spec.get("domain") in DOMAINS:
+        style = resolve_style(spec["domain"], spec.pop("style", None))
+        spec |= {"style": style} if style else {}
+    return spec
 
 
 def build_sources(entries: list[str | dict[str, Any]], where: str, min_area: int | None = None) -> list[ObjectSource]:

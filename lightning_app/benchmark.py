@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from callbacks.adaptation import variant_callback, variant_spec
 from callbacks.benchmark import ClickRecorder, ObjectRecord
 from datamodules.datamodule import InteractiveDataModule
+from datamodules.registry import entry_identity
 from lightning_app import report
 from lightning_app.checkpoints import file_digest, load_module
 from lightning_app.importance import load_importance
@@ -122,14 +123,14 @@ def run_benchmark(
     model = {"checkpoint": str(ckpt), "sha256_16": digest, "hparams": dict(module.hparams)}
     data_config = dict(data.hparams)
     datasets = data.test_datasets()
+    identities = {ds.name: dataset_identity(e, data.hparams.min_area) for ds, e in zip(datasets, data.hparams.test)}
     group = wandb_group or out.resolve().name
     main = rank_zero_only.rank == 0
     with locked(out) if main else _nothing():
         results = report.read_results(out) if main else None
-        if results and (results.get("protocol"), results.get("model", {}).get("sha256_16"), results.get("data")) != (
-                protocol, digest, data_config):
+        if results and (results.get("protocol"), results.get("model", {}).get("sha256_16")) != (protocol, digest):
             if not fresh:
-                raise UserError(f"{out / report.RESULTS} holds results of another checkpoint, protocol or data: "
+                raise UserError(f"{out / report.RESULTS} holds results of another checkpoint or protocol: "
                                 "choose another --out_dir, or --fresh true to move them aside")
             aside = out / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir()
@@ -139,7 +140,8 @@ def run_benchmark(
             print(f"earlier results moved to {aside}")
             results = None
         results = results or {"protocol": protocol, "model": model, "data": data_config, "results": {}, "objects": {}}
-        if main and forget_changed_variants(results, specs):
+        if main and (forget_changed_datasets(results, identities) | forget_changed_variants(results, specs)):
+            results["data"] = data_config
             report.write_results(out, results)
         for variant, name in zip(variants, names):
             todo = [ds for ds in datasets if name not in results["results"].get(ds.name, {})]
@@ -171,6 +173,32 @@ def run_benchmark(
             report.print_table(results)
             print(f"results: {out / report.RESULTS}  also: {', '.join(str(f) for f in files)}")
     return results
+
+
+def dataset_identity(entry, min_area: int | None) -> dict:
+    """What decides a dataset's objects: its entry with its defaults written out, and min_area."""
+    return {"entry": entry_identity(entry), "min_area": min_area}
+
+
+def forget_changed_datasets(results: dict, identities: dict[str, dict]) -> bool:
+    """Drop the results of every dataset whose recorded identity differs from ``identities``
+    (one line each: every variant runs on it again) and record ``identities``. Results written
+    before identities were recorded are checked against the data config they recorded, as
+    written (a synthetic domain's style was then its renderer's defaults of that day).
+    Returns whether ``results`` changed."""
+    if "datasets" not in results:
+        old = results.get("data") or {}
+        results["datasets"] = {e.get("name") or e.get("domain") or e["dataset"]: {"entry": e, "min_area": old.get("min_area")}
+                               for e in ({"dataset": e} if isinstance(e, str) else e for e in old.get("test", []))}
+    recorded, changed = results["datasets"], False
+    for name, identity in identities.items():
+        if name in recorded and recorded[name] != identity and any(name in t for t in (results["results"], results["objects"])):
+            print(f"{name}: its data changed since it ran (now {identity['entry']}), running every variant on it again")
+            for table in (results["results"], results["objects"]):
+                table.pop(name, None)
+        changed = changed or recorded.get(name) != identity
+        recorded[name] = identity
+    return changed
 
 
 def forget_changed_variants(results: dict, specs: dict[str, dict]) -> bool:

@@ -40,7 +40,7 @@ from callbacks.progress import ProgressLog
 from datamodules.datamodule import InteractiveDataModule
 from datamodules.evolution import MaskFree, PairedObjects, PseudoLabelled, load_pseudo_masks, record_interactions, save_pseudo_masks
 from datamodules.objects import ObjectSource, TrainObjects, image_to_tensor
-from datamodules.registry import Concat, build_source
+from datamodules.registry import Concat, build_source, entry_identity
 from lightning_app import report
 from lightning_app.benchmark import run_benchmark, wandb_run
 from lightning_app.checkpoints import file_digest, load_module
@@ -123,14 +123,14 @@ class Stage:
         self.key = settings_key(settings)
         self.model_path = folder / "model.ckpt"
 
-    def claim(self, fresh: bool) -> None:
+    def claim(self, fresh: bool) -> bool:
         """Mark the folder as this stage's; a folder made with other settings is refused (or, with
-        ``fresh``, moved aside)."""
+        ``fresh``, moved aside). Returns whether the stage starts from nothing."""
         marker = self.folder / "stage.json"
         if marker.is_file():
             old = json.loads(marker.read_text())
             if old.get("key") == self.key:
-                return
+                return False
             if not fresh:
                 raise UserError(f"{self.folder} holds stage '{self.name}' made with other settings (its data, the "
                                 f"method or an earlier stage changed): choose another --out_dir, or --fresh true to "
@@ -139,6 +139,7 @@ class Stage:
             self.folder.rename(aside)
             print(f"stage '{self.name}': earlier work moved to {aside}")
         atomic_write_text(marker, json.dumps({"key": self.key, "settings": self.settings}, indent=1, default=str) + "\n")
+        return True
 
     def interactions(self, source: ObjectSource, clicks_file: str | None) -> list:
         """The users' clicks on the stage's objects (``interactions.json``, recorded once)."""
@@ -306,9 +307,11 @@ def run_evolution(
     previous, key = str(init_ckpt), settings_key(init_key)
     earlier: list[ObjectSource] = [build_source(source_replay, "source_replay", min_area)]
     for t, name in enumerate(stages, start=1):
-        stage = Stage(out / f"stage{t}_{name}", name, {"previous": key, "data": catalog[name], "method": method,
-                                                        "min_area": min_area})
-        stage.claim(fresh)
+        data = {k: entry_identity(v) if k in ("train", "test") else v for k, v in catalog[name].items()}
+        stage = Stage(out / f"stage{t}_{name}", name, {"previous": key, "data": data, "method": method, "min_area": min_area})
+        if stage.claim(fresh):  # what an earlier stage of this name measured is not this one's
+            for table in ("pseudo_masks", "seconds"):
+                results[table].pop(name, None)
         key = stage.key
         start, worked = time.perf_counter(), not stage.model_path.is_file()
         train_source = build_source(catalog[name]["train"], f"catalog.{name}.train", min_area)

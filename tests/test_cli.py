@@ -84,7 +84,7 @@ def test_benchmark_writes_results_and_resumes(tiny_ckpt, tmp_path, capsys):
     assert "already in" in capsys.readouterr().out
     assert (out / "results.json").stat().st_mtime_ns == before
     assert main(args + ["--max_clicks", "5"]) == 2  # another protocol on the same folder: refused, nothing lost
-    assert "holds results of another checkpoint, protocol or data" in capsys.readouterr().err
+    assert "holds results of another checkpoint or protocol" in capsys.readouterr().err
     assert (out / "results.json").stat().st_mtime_ns == before
     assert main(args + ["--max_clicks", "5", "--iou_thresholds", "[0.5, 0.7]", "--fresh", "true"]) == 0
     moved = list(out.glob("superseded-*/results.json"))
@@ -113,6 +113,26 @@ def test_a_variant_whose_settings_changed_runs_again(capsys):
     assert results["results"]["grabcut"] == {"fixed": 1} and results["objects"]["grabcut"] == {"fixed": 1}
     assert results["variants"]["sa_photo"] == faster
     assert "sa_photo: its settings changed since it ran, running it again" in capsys.readouterr().out
+
+
+def test_a_dataset_whose_data_changed_runs_again(capsys):
+    from lightning_app.benchmark import dataset_identity, forget_changed_datasets
+
+    source = {"dataset": "synthetic", "domain": "source", "length": 100, "seed": 2}
+    roof = {"dataset": "synthetic", "domain": "rooftop", "length": 100, "seed": 2}
+    now = {"source": dataset_identity(source, None), "rooftop": dataset_identity(roof, None)}
+    assert now["rooftop"]["entry"]["style"] == {"facet_light": 0.9, "tile_lines": 0.3} and "style" not in now["source"]["entry"]
+    old = {"data": {"test": [source, roof], "min_area": None},  # before identities were recorded: rooftop's old render
+           "results": {"source": {"fixed": 1}, "rooftop": {"fixed": 2}}, "objects": {"source": {"fixed": 1}, "rooftop": {"fixed": 2}}}
+    assert forget_changed_datasets(old, now)
+    assert old["results"] == {"source": {"fixed": 1}} and old["objects"] == {"source": {"fixed": 1}}
+    assert "rooftop: its data changed since it ran" in capsys.readouterr().out
+    assert not forget_changed_datasets(old, now)  # recorded: nothing to do
+    explicit = {"rooftop": dataset_identity({**roof, "style": {"facet_light": 0.9}}, None)}
+    old["results"]["rooftop"] = {"fixed": 3}
+    assert not forget_changed_datasets(old, explicit) and old["results"]["rooftop"] == {"fixed": 3}  # the same images
+    assert forget_changed_datasets(old, {"rooftop": dataset_identity(roof, 100)})  # min_area picks other objects
+    assert "rooftop" not in old["results"]
 
 
 def test_variants_keep_the_configs_order_when_one_is_rerun():

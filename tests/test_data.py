@@ -4,7 +4,7 @@ import pytest
 from datamodules.datamodule import InteractiveDataModule
 from datamodules.io import read_image, read_mask
 from datamodules.objects import EvalObjects, Sample, TrainObjects
-from datamodules.synthetic import DOMAINS, SyntheticObjects, render
+from datamodules.synthetic import DOMAINS, SyntheticObjects, render, resolve_style
 from modules.errors import UserError
 
 
@@ -20,15 +20,17 @@ def test_rendering_is_deterministic_and_domains_differ():
 
 
 def test_a_style_reshades_the_same_scenes_and_unknown_keys_are_errors():
-    plain = render("rooftop", 0, 7, 64)
-    same = render("rooftop", 0, 7, 64, {"facet_light": 0.3, "tile_lines": 0.08})  # the defaults
-    lit = render("rooftop", 0, 7, 64, {"facet_light": 0.9, "tile_lines": 0.3})
-    assert np.array_equal(plain.image, same.image)
+    lit = render("rooftop", 0, 7, 64)
+    same = render("rooftop", 0, 7, 64, {"facet_light": 0.9, "tile_lines": 0.3})  # the defaults
+    plain = render("rooftop", 0, 7, 64, {"facet_light": 0.3, "tile_lines": 0.08})  # the render before 2026-11-24
+    assert np.array_equal(lit.image, same.image)
     assert np.array_equal(plain.instances, lit.instances) and not np.array_equal(plain.image, lit.image)
     roofs = plain.instances > 0
     assert lit.image[roofs].std() > plain.image[roofs].std()  # facets and tile rows further apart
-    ds = SyntheticObjects("rooftop", 2, seed=0, size=64, style={"facet_light": 0.9})
+    ds = SyntheticObjects("rooftop", 2, seed=0, size=64, style={"facet_light": 0.3})
     assert not np.array_equal(ds.get_image(0), SyntheticObjects("rooftop", 2, seed=0, size=64).get_image(0))
+    assert ds.style == {"facet_light": 0.3, "tile_lines": 0.3}  # the whole style it draws with
+    assert resolve_style("source", None) == {}
     with pytest.raises(UserError, match="style key 'shine' unknown for domain 'rooftop'"):
         SyntheticObjects("rooftop", 2, seed=0, style={"shine": 1.0})
     with pytest.raises(UserError, match="expected a mapping"):
