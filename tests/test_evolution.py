@@ -223,6 +223,20 @@ def evolve_args(ckpt, out, stages="[fundus, rooftop]", epochs=2):
             "--training.crop_size", "64", "--min_area", "16", "--max_clicks", "5"]
 
 
+def test_a_stage_made_from_other_data_is_refused_or_started_again(tmp_path):
+    from lightning_app.evolve import Stage
+    from modules.errors import UserError
+
+    roof = {"dataset": "synthetic", "domain": "rooftop", "length": 4, "seed": 5}
+    stage = lambda entry: Stage(tmp_path / "stage1_rooftop", "rooftop", {"data": {"train": entry}})  # noqa: E731
+    assert stage(roof).claim(fresh=False)  # a new stage starts from nothing
+    assert not stage(roof).claim(fresh=False)  # the same settings: its work is kept
+    with pytest.raises(UserError, match="made with other settings"):
+        stage({**roof, "style": {"facet_light": 0.3}}).claim(fresh=False)
+    assert stage({**roof, "style": {"facet_light": 0.3}}).claim(fresh=True)  # moved aside, started again
+    assert len(list(tmp_path.glob("stage1_rooftop.superseded-*"))) == 1
+
+
 def test_heads_and_three_click_training(evolve_init_ckpt):
     from lightning_app.checkpoints import load_module
 
