@@ -213,7 +213,7 @@ def render_rooftop(rng: np.random.Generator, size: int, facet_light: float = 0.9
     of the tile rows' stripes (0.3: 30 %). Until 2026-11-24 the defaults were 0.3 and 0.08, under
     which rooftop was no domain gap (the source model's NoC@80 1.12-1.30x the source's on
     validation objects); 0.9 and 0.3 are the smaller of two styles measured there that give
-    at least 1.5x with every model (1.66-1.91x; README, "The rooftop domain")."""
+    at least 1.5x with every model (1.66-1.91x; README, "Embedded data")."""
     h = w = size
     g1 = np.array([rng.uniform(70, 110), rng.uniform(90, 130), rng.uniform(50, 80)], np.float32)
     g2 = np.array([rng.uniform(120, 160), rng.uniform(110, 140), rng.uniform(80, 110)], np.float32)
