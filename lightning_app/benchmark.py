@@ -140,9 +140,11 @@ def run_benchmark(
             print(f"earlier results moved to {aside}")
             results = None
         results = results or {"protocol": protocol, "model": model, "data": data_config, "results": {}, "objects": {}}
-        if main and (forget_changed_datasets(results, identities) | forget_changed_variants(results, specs)):
-            results["data"] = data_config
-            report.write_results(out, results)
+        if main:  # both run: each drops what changed and records what is now
+            changed = forget_changed_datasets(results, identities)
+            if forget_changed_variants(results, specs) or changed:
+                results["data"] = data_config
+                report.write_results(out, results)
         for variant, name in zip(variants, names):
             todo = [ds for ds in datasets if name not in results["results"].get(ds.name, {})]
             if not todo:

@@ -290,7 +290,7 @@ def run_evolution(
     known = initial_model(init_ckpt)
     out = Path(out_dir)
     method = {"supervision": supervision, "pseudo": asdict(pseudo), **asdict(training), "seed": seed}
-    init_key = {"checkpoint": str(init_ckpt), "sha256_16": file_digest(init_ckpt), "source_replay": source_replay}
+    init_key = {"checkpoint": str(init_ckpt), "sha256_16": file_digest(init_ckpt), "source_replay": entry_identity(source_replay)}
     results = open_results(out, init_key, method, fresh)
     results.update({"stages": list(stages), "protocol": {"max_clicks": max_clicks, "iou_thresholds": list(iou_thresholds),
                                                          "initial_clicks": 3}})
