@@ -372,7 +372,7 @@ def test_ablation_configs_change_only_their_rows_keys(row, pseudo_ipt, alignment
     cfg = parser.parse_args(["--config", str(ROOT / "configs/evolve.yaml"), "--config", str(ROOT / f"configs/evolve/{row}.yaml")])
     assert cfg.pseudo.ipt is pseudo_ipt and cfg.training.feature_alignment is alignment
     assert list(cfg.training.unknown_terms) == terms and cfg.out_dir == f"runs/evolve_ablation/{row}"
-    assert cfg.training.replay_final_weight == base.training.replay_final_weight == 2.0
+    assert cfg.training.replay_final_weight == base.training.replay_final_weight == 3.0
     assert cfg.pseudo.window == base.pseudo.window and cfg.training.lr == base.training.lr
     assert cfg.supervision == ("ground_truth" if row == "upper" else "clicks")
 
