@@ -43,7 +43,7 @@ lock: ## re-resolve the newest dependencies into .venv and pin them in constrain
 	{ sed -n '/^#/p' constraints.txt; $(VENV)/bin/pip freeze --exclude-editable; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 	@touch $(STAMP)
 
-demo: $(STAMP) ## train the initial model on the embedded source domain, then fixed / IA / SA / IA+SA (and fixed, SA with zoom-in) on 20 objects per domain -> runs/demo/
+demo: $(STAMP) ## train the initial model on the embedded source domain, then fixed / IA / SA / IA+SA (and fixed with zoom-in) on 20 objects per domain -> runs/demo/
 	$(MAKE) --no-print-directory train-init
 	$(PY) -m lightning_app benchmark --config configs/benchmark.yaml --config configs/demo.yaml --ckpt $(CKPT) $(ARGS)
 
