@@ -123,8 +123,9 @@ class CLI(LightningCLI):
             resolve_checkpoint(ckpt_path, None)
 
     def before_instantiate_classes(self) -> None:
-        """``trainer.precision: bf16-mixed`` (``configs/train_bsds.yaml``) on a CPU without bfloat16
-        kernels trains in 32-bit instead, and says so: there bfloat16 would be slower, not faster."""
+        """``trainer.precision: bf16-mixed`` (``configs/train_init.yaml``, ``configs/train_bsds.yaml``) on a
+        CPU without bfloat16 kernels trains in 32-bit instead, and says so: there bfloat16 would be
+        slower, not faster."""
         import torch
 
         sub = self.config.get("subcommand")
