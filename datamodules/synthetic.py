@@ -366,7 +366,8 @@ class SyntheticObjects:
             if len(ids):
                 break
         else:
-            raise RuntimeError(f"domain '{self.domain}' drew no object of {self.min_area} px in 100 scenes")
+            raise UserError(f"domain '{self.domain}' (size {self.size}) drew no object of at least min_area={self.min_area} px "
+                            "in 100 scenes: expected a smaller min_area or a larger size")
         pick = np.random.default_rng([self.seed, index]).choice(ids)
         mask = scene.instances == pick
         others = np.where(mask, 0, scene.instances)

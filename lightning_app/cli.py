@@ -204,6 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         print("terminated (SIGTERM) before the end: rerun the same command to resume", file=sys.stderr)
         return 143
     except (UserError, MisconfigurationException) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def error_line(e: Exception) -> str:
+    """The error's message on one line; for an error re-raised from a DataLoader worker (whose
+    message carries the worker's traceback), the original message alone."""
+    text = str(e)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())

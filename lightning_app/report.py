@@ -203,44 +203,75 @@ def write_reports(out_dir: Path, results: dict) -> list[Path]:
 SPREAD = "spread.json"
 
 
+def _run_quantities(run: dict, ds: str, variant: str, ks: list[int]) -> dict[str, float]:
+    """One run's numbers for a dataset's variant: NoC per threshold, mIoU@k, repeated clicks and
+    the ratios the targets are stated in: NoC over ``fixed``'s (another variant) and, at a
+    dataset's paper threshold, NoC over the first dataset's (the domain gap, e.g. rooftop over
+    source)."""
+    protocol, results = run["protocol"], run["results"]
+    row, first = results[ds][variant], next(iter(results))
+    values = {f"noc@{threshold_key(t)}": row["noc"][threshold_key(t)] for t in protocol["iou_thresholds"]}
+    values.update({f"miou@{k}": row["miou_at_click"][k - 1] for k in ks})
+    values.update({name: row[key] for name, key in (("repeat", "repeated_click_fraction"),
+                                                    ("repeat (user)", "repeated_user_click_fraction")) if key in row})
+    fixed = results[ds].get("fixed")
+    if variant != "fixed" and fixed is not None:
+        values.update({f"noc@{t} / fixed": row["noc"][t] / fixed["noc"][t] for t in map(threshold_key, protocol["iou_thresholds"])})
+    paper = protocol.get("paper_thresholds", {}).get(ds)
+    if paper is not None and ds != first and variant in results[first]:
+        t = threshold_key(paper)
+        values[f"noc@{t} / {first}"] = row["noc"][t] / results[first][variant]["noc"][t]
+    return values
+
+
+def _spread_of(v: list[float]) -> dict:
+    return {"runs": v, "mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(np.min(v)), "max": float(np.max(v))}
+
+
 def seed_spread(runs: dict[str, dict]) -> dict:
     """Across benchmark runs (``results.json`` of models trained with different seeds, on the same
-    protocol and objects): per dataset and variant, each run's NoC per threshold and mIoU@k, and
-    their mean, standard deviation (n - 1), minimum and maximum. The bootstrap intervals of one
-    run say how much the objects move a number; this says how much the training run does."""
+    protocol and objects): per dataset and variant, each run's NoC per threshold, mIoU@k, repeated
+    clicks and the target ratios (:func:`_run_quantities`), and their mean, standard deviation
+    (n - 1), minimum and maximum. The bootstrap intervals of one run say how much the objects move
+    a number; this says how much the training run does."""
     first = next(iter(runs.values()))
     protocol, ks = first["protocol"], _clicks_shown(first["protocol"]["max_clicks"])
     table: dict = {}
     for ds, variants in first["results"].items():
         for variant in variants:
-            rows = [r["results"].get(ds, {}).get(variant) for r in runs.values()]
-            if any(r is None for r in rows):
+            if any(variant not in r["results"].get(ds, {}) for r in runs.values()):
                 continue  # a variant not run on every model has no spread
-            values = {f"noc@{t}": [r["noc"][t] for r in rows] for t in map(threshold_key, protocol["iou_thresholds"])}
-            values.update({f"miou@{k}": [r["miou_at_click"][k - 1] for r in rows] for k in ks})
-            table.setdefault(ds, {})[variant] = {
-                key: {"runs": v, "mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                      "min": float(np.min(v)), "max": float(np.max(v))} for key, v in values.items()}
+            each = [_run_quantities(r, ds, variant, ks) for r in runs.values()]
+            keys = [k for k in each[0] if all(k in e for e in each)]
+            table.setdefault(ds, {})[variant] = {key: _spread_of([e[key] for e in each]) for key in keys}
     return {"protocol": protocol, "data": first.get("data"),
             "runs": {name: {"checkpoint": r["model"]["checkpoint"], "sha256_16": r["model"]["sha256_16"]} for name, r in runs.items()},
             "results": table}
 
 
 def spread_markdown(spread: dict) -> str:
-    """The spread as a markdown table: mean ± sd [min, max] over the runs."""
+    """The spread as markdown: NoC and mIoU@k as mean ± sd [min, max] over the runs, then the
+    repeated clicks and the ratios with each run's value."""
     protocol = spread["protocol"]
     keys = [f"noc@{threshold_key(t)}" for t in protocol["iou_thresholds"]] + \
         [f"miou@{k}" for k in _clicks_shown(protocol["max_clicks"])]
     head = ["dataset", "variant", *[k.replace("noc", "NoC").replace("miou", "mIoU") for k in keys]]
     lines = [f"{len(spread['runs'])} runs ({', '.join(spread['runs'])}): mean ± sd [min, max] over the runs", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    def cell(v: dict, key: str) -> str:
-        d = 2 if key.startswith("noc") else 3
+    def cell(v: dict, d: int) -> str:
         return f"{v['mean']:.{d}f} ± {v['sd']:.{d}f} [{v['min']:.{d}f}, {v['max']:.{d}f}]"
 
     for ds, variants in spread["results"].items():
         for variant, values in variants.items():
-            lines.append("| " + " | ".join([ds, variant, *[cell(values[k], k) for k in keys]]) + " |")
+            lines.append("| " + " | ".join([ds, variant, *[cell(values[k], 2 if k.startswith("noc") else 3) for k in keys]]) + " |")
+    lines += ["", "| dataset | variant | quantity | mean ± sd [min, max] | each run |", "|---|---|---|---|---|"]
+    for ds, variants in spread["results"].items():
+        for variant, values in variants.items():
+            for key, v in values.items():
+                if key not in keys:
+                    lines.append(f"| {ds} | {variant} | {key.replace('noc', 'NoC')} | {cell(v, 2)} | "
+                                 f"{' / '.join(f'{x:.2f}' for x in v['runs'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,7 +294,7 @@ def run_spread(runs: list[str], out_dir: str = "runs/spread") -> dict:
         loaded[run] = results
     reference = loaded[runs[0]]
     for run, results in loaded.items():
-        if results.get("protocol") != reference.get("protocol") or \
+        if results.get("protocol") != reference.get("protocol") or results.get("datasets") != reference.get("datasets") or \
                 results.get("data", {}).get("test") != reference.get("data", {}).get("test"):
             raise UserError(f"spread: {Path(run) / RESULTS}: its protocol or test data differ from "
                             f"{Path(runs[0]) / RESULTS}'s (a spread compares one benchmark across models)")

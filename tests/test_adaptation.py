@@ -349,7 +349,7 @@ def test_benchmark_adaptation_changes_the_ious_and_paper_presets_run(tiny_ckpt_w
     variants = "[fixed, ia_sa, ia_decoder, ia_head, paper/ia_sa, {name: ia_fast, image: {steps: 5, lr: 0.01}}]"
     assert main(["benchmark", "--config", str(ROOT / "configs/benchmark.yaml"), "--ckpt", str(tiny_ckpt_with_importance),
                  "--out_dir", str(out), "--variants", variants, "--max_clicks", "3",
-                 "--data.test", f"[{synthetic('fundus', 2)}]", "--data.num_workers", "0"]) == 0
+                 "--data.test", f"[{synthetic('fundus', 2)}]", "--data.num_workers", "0", "--data.min_area", "64"]) == 0
     results = json.loads((out / "results.json").read_text())
     names = ["fixed", "ia_sa", "ia_decoder", "ia_head", "paper/ia_sa", "ia_fast"]
     assert list(results["results"]["fundus"]) == names

@@ -12,7 +12,7 @@ from conftest import ROOT, TINY_DATA, synthetic, tiny_fit_args
 from lightning_app.cli import CLI, main
 
 BENCH = ["--data.test", f"[{synthetic('source', 3)}, {synthetic('fundus', 3)}, {synthetic('rooftop', 3)}]",
-         "--data.num_workers", "0", "--max_clicks", "20", "--variants", "[fixed]"]
+         "--data.num_workers", "0", "--data.min_area", "64", "--max_clicks", "20", "--variants", "[fixed]"]
 
 
 def run_cli(*args, timeout=180):
@@ -188,6 +188,9 @@ def test_print_config_is_complete():
          "dataset 'synthetic' needs the key(s) ['seed']"),
         (["predict", "--config", "configs/train_init.yaml"], "unknown command 'predict'"),
         (["benchmark", "--ckpt", "STALE_MAS", "--out_dir", "OUT"], "cannot be read"),
+        (["benchmark", "--config", "configs/benchmark.yaml", "--ckpt", "TINY", "--out_dir", "OUT", "--variants", "[fixed]",
+          "--data.test", "[{dataset: synthetic, domain: fundus, length: 1, seed: 2, size: 32}]"],  # raised in a loader worker
+         "domain 'fundus' (size 32) drew no object of at least min_area=1250 px"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, expected, tmp_path, tiny_ckpt):
@@ -198,7 +201,7 @@ def test_bad_input_is_one_clear_line(args, expected, tmp_path, tiny_ckpt):
     stale = tmp_path / "model.ckpt"  # a checkpoint whose MAS importance file is corrupt
     stale.write_bytes(tiny_ckpt.read_bytes())
     (tmp_path / "model.ckpt.mas.pt").write_bytes(b"junk")
-    swap = {"CORRUPT": bad, "RANDOM": noise, "STALE_MAS": stale, "OUT": tmp_path / "out"}
+    swap = {"CORRUPT": bad, "RANDOM": noise, "STALE_MAS": stale, "OUT": tmp_path / "out", "TINY": tiny_ckpt}
     r = run_cli(*[str(swap.get(a, a)) for a in args])
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
@@ -208,31 +211,44 @@ def test_bad_input_is_one_clear_line(args, expected, tmp_path, tiny_ckpt):
 def test_spread_gives_each_runs_numbers_and_their_spread(tmp_path):
     from modules.metrics import summarize
 
-    protocol = {"max_clicks": 20, "iou_thresholds": [0.8, 0.9], "target_iou": 0.9, "paper_thresholds": {}}
+    protocol = {"max_clicks": 20, "iou_thresholds": [0.8, 0.9], "target_iou": 0.9, "paper_thresholds": {"fundus": 0.9}}
     curve = np.concatenate([np.linspace(0.5, 0.97, 6), np.full(20, 0.97)])
+    def later(delay: int) -> dict:  # the same objects, reached a few clicks later
+        return summarize(np.stack([np.concatenate([np.full(delay + j, 0.5), curve])[:20] for j in range(4)]), protocol["iou_thresholds"])
+
     runs = []
-    for i, delay in enumerate([0, 2, 5]):  # the same objects, reached a few clicks later by each model
-        ious = np.stack([np.concatenate([np.full(delay + j, 0.5), curve])[:20] for j in range(4)])
+    for i, delay in enumerate([0, 2, 5]):  # one model per run
         out = tmp_path / f"bench{i}"
         out.mkdir()
         (out / "results.json").write_text(json.dumps({
-            "protocol": protocol, "model": {"checkpoint": f"m{i}.ckpt", "sha256_16": str(i)}, "data": {"test": ["fundus"]},
-            "results": {"fundus": {"fixed": summarize(ious, protocol["iou_thresholds"])}}}))
+            "protocol": protocol, "model": {"checkpoint": f"m{i}.ckpt", "sha256_16": str(i)},
+            "data": {"test": ["source", "fundus"]}, "datasets": {"fundus": {"entry": "fundus", "min_area": 1250}},
+            "results": {"source": {"fixed": later(0)},
+                        "fundus": {"fixed": later(delay) | {"repeated_click_fraction": 0.1 * i}, "sa": later(delay // 2)}}}))
         runs.append(out)
     r = run_cli("spread", "--runs", "[" + ",".join(map(str, runs)) + "]", "--out_dir", str(tmp_path / "spread"))
     assert r.returncode == 0, r.stderr[-2000:]
     spread = json.loads((tmp_path / "spread" / "spread.json").read_text())
-    each = [json.loads((run / "results.json").read_text())["results"]["fundus"]["fixed"]["noc"]["90"] for run in runs]
-    cell = spread["results"]["fundus"]["fixed"]["noc@90"]
-    assert cell["runs"] == each and len(set(each)) == 3
-    assert cell["mean"] == pytest.approx(np.mean(each)) and cell["sd"] == pytest.approx(np.std(each, ddof=1))
-    assert (cell["min"], cell["max"]) == (min(each), max(each))
-    assert "| fundus | fixed |" in (tmp_path / "spread" / "spread.md").read_text()
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "results.json").write_text((runs[0] / "results.json").read_text().replace('"max_clicks": 20', '"max_clicks": 10'))
-    for bad, expected in [([runs[0], other], "its protocol or test data differ"), ([runs[0], tmp_path / "none"], "missing or not JSON"),
-                          ([runs[0]], "expected at least two")]:
+    each = [json.loads((run / "results.json").read_text())["results"]["fundus"] for run in runs]
+    source = json.loads((runs[0] / "results.json").read_text())["results"]["source"]["fixed"]["noc"]["90"]
+    fundus = spread["results"]["fundus"]
+    cell = fundus["fixed"]["noc@90"]
+    assert cell["runs"] == [e["fixed"]["noc"]["90"] for e in each] and len(set(cell["runs"])) == 3
+    assert cell["mean"] == pytest.approx(np.mean(cell["runs"])) and cell["sd"] == pytest.approx(np.std(cell["runs"], ddof=1))
+    assert (cell["min"], cell["max"]) == (min(cell["runs"]), max(cell["runs"]))
+    # the targets' ratios, run by run: a variant against fixed, a target domain against the first dataset
+    assert fundus["sa"]["noc@90 / fixed"]["runs"] == pytest.approx([e["sa"]["noc"]["90"] / e["fixed"]["noc"]["90"] for e in each])
+    assert fundus["fixed"]["noc@90 / source"]["runs"] == pytest.approx([e["fixed"]["noc"]["90"] / source for e in each])
+    assert fundus["fixed"]["repeat"]["runs"] == pytest.approx([0, 0.1, 0.2]) and "repeat" not in fundus["sa"]
+    assert "noc@90 / source" not in spread["results"]["source"]["fixed"]
+    text = (tmp_path / "spread" / "spread.md").read_text()
+    assert "| fundus | fixed |" in text and "| fundus | sa | NoC@90 / fixed |" in text
+    other, smaller = tmp_path / "other", tmp_path / "smaller"
+    for folder, a, b in [(other, '"max_clicks": 20', '"max_clicks": 10'), (smaller, '"min_area": 1250', '"min_area": 64')]:
+        folder.mkdir()
+        (folder / "results.json").write_text((runs[0] / "results.json").read_text().replace(a, b))
+    for bad, expected in [([runs[0], other], "its protocol or test data differ"), ([runs[0], smaller], "its protocol or test data differ"),
+                          ([runs[0], tmp_path / "none"], "missing or not JSON"), ([runs[0]], "expected at least two")]:
         r = run_cli("spread", "--runs", "[" + ",".join(map(str, bad)) + "]", "--out_dir", str(tmp_path / "s2"))
         assert r.returncode == 2 and "Traceback" not in r.stderr and expected in r.stderr.strip().splitlines()[-1]
 
