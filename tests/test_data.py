@@ -47,6 +47,20 @@ def test_synthetic_objects_have_a_real_target():
         SyntheticObjects("mars", 3, 0)
 
 
+def test_the_benchmarks_min_area_keeps_large_objects_and_replaces_only_small_ones():
+    small, large = SyntheticObjects("source", 8, seed=2), SyntheticObjects("source", 8, seed=2, min_area=1250)
+    kept = 0
+    for i in range(8):
+        a, b = small.get_sample(i), large.get_sample(i)
+        assert b.mask.sum() >= 1250
+        kept += np.array_equal(a.mask, b.mask) and np.array_equal(a.image, b.image)
+        if a.mask.sum() < 1250:
+            assert not np.array_equal(a.mask, b.mask)  # replaced (in the same scene or a later one)
+    assert 0 < kept < 8  # most large objects stay (the seed's choice among a scene's objects may change)
+    with pytest.raises(UserError, match=r"drew no object of at least min_area=1250 px"):
+        SyntheticObjects("fundus", 1, seed=2, size=32, min_area=1250).get_sample(0)
+
+
 def test_train_view_keeps_clicks_consistent_with_mask():
     ds = TrainObjects(SyntheticObjects("source", 20, 0, 64, 30), crop=48, click_capacity=12)
     for i in range(20):
