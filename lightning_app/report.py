@@ -210,13 +210,14 @@ def _run_quantities(run: dict, ds: str, variant: str, ks: list[int]) -> dict[str
     source)."""
     protocol, results = run["protocol"], run["results"]
     row, first = results[ds][variant], next(iter(results))
-    values = {f"noc@{threshold_key(t)}": row["noc"][threshold_key(t)] for t in protocol["iou_thresholds"]}
+    thresholds = [threshold_key(t) for t in protocol["iou_thresholds"]]
+    values = {f"noc@{t}": row["noc"][t] for t in thresholds}
     values.update({f"miou@{k}": row["miou_at_click"][k - 1] for k in ks})
     values.update({name: row[key] for name, key in (("repeat", "repeated_click_fraction"),
                                                     ("repeat (user)", "repeated_user_click_fraction")) if key in row})
     fixed = results[ds].get("fixed")
     if variant != "fixed" and fixed is not None:
-        values.update({f"noc@{t} / fixed": row["noc"][t] / fixed["noc"][t] for t in map(threshold_key, protocol["iou_thresholds"])})
+        values.update({f"noc@{t} / fixed": row["noc"][t] / fixed["noc"][t] for t in thresholds})
     paper = protocol.get("paper_thresholds", {}).get(ds)
     if paper is not None and ds != first and variant in results[first]:
         t = threshold_key(paper)
