@@ -6,8 +6,10 @@ with the gradient averaging SA's ``synchronize`` asks for) and removes it afterw
 
 A variant (``configs/adapt/<name>.yaml``) holds ``image:`` (IA's settings) and/or ``sequence:``
 (SA's), ``zoom_in:`` (RITM's zoom-in at inference, ``modules.session.ZoomIn``) and ``tta:``
-(predictions averaged over a mirrored or rescaled input, ``modules.session.TestTimeAugmentation``),
-both usable with any of them, or ``random_walker:`` (a classical baseline instead of the network);
+(predictions averaged over a mirrored or rescaled input, ``modules.session.TestTimeAugmentation``)
+and ``click_labels:`` (the clicks as labels on the shown mask, ``modules.session.ClickLabels``;
+radius 1 px when a variant does not say), all usable with any of them, or ``random_walker:``
+(a classical baseline instead of the network);
 a value that is a string takes that part from another variant, so IA+SA restates nothing::
 
     image: ia          # configs/adapt/ia.yaml's image settings
@@ -28,10 +30,10 @@ import yaml
 from modules.adaptation import Adapter, ImageAdaptation, SequenceAdaptation, settings
 from modules.classical import RandomWalker
 from modules.errors import UserError
-from modules.session import TestTimeAugmentation, ZoomIn
+from modules.session import ClickLabels, TestTimeAugmentation, ZoomIn
 
 PARTS = {"image": ImageAdaptation, "sequence": SequenceAdaptation, "zoom_in": ZoomIn, "tta": TestTimeAugmentation,
-         "random_walker": RandomWalker}
+         "click_labels": ClickLabels, "random_walker": RandomWalker}
 
 
 def average_across_ranks(tensors) -> None:
@@ -58,20 +60,24 @@ class TestTimeAdaptation(pl.Callback):
         sequence: sequence adaptation's settings (``modules.adaptation.SequenceAdaptation``), or none.
         zoom_in: RITM's zoom-in at inference (``modules.session.ZoomIn``), or none.
         tta: test-time augmentation of predictions (``modules.session.TestTimeAugmentation``), or none.
+        click_labels: the clicks as labels on the shown mask (``modules.session.ClickLabels``), or none.
     """
 
     def __init__(self, image: ImageAdaptation | None = None, sequence: SequenceAdaptation | None = None,
-                 zoom_in: ZoomIn | None = None, tta: TestTimeAugmentation | None = None):
+                 zoom_in: ZoomIn | None = None, tta: TestTimeAugmentation | None = None,
+                 click_labels: ClickLabels | None = None):
         self.image, self.sequence, self.zoom_in, self.tta = image, sequence, zoom_in, tta
+        self.click_labels = click_labels
         self.adapter: Adapter | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.adapter = Adapter(pl_module, self.image, self.sequence, pl_module.mas_importance, rank=trainer.global_rank,
                                reduce_gradients=average_across_ranks)
         pl_module.adapter, pl_module.zoom_in, pl_module.tta = self.adapter, self.zoom_in, self.tta
+        pl_module.click_labels = self.click_labels
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.adapter = pl_module.zoom_in = pl_module.tta = None
+        pl_module.adapter = pl_module.zoom_in = pl_module.tta = pl_module.click_labels = None
 
 
 class ClassicalBaseline(pl.Callback):
@@ -131,7 +137,7 @@ def read_variant(name: str, adapt_dir: str | Path, seen: tuple[str, ...] = ()) -
 def variant_parts(variant: str | dict[str, Any], adapt_dir: str | Path) -> dict[str, Any]:
     """A variant's parts as settings objects, from a name (``fixed``: no part, the weights
     never change) read from ``<adapt_dir>/<name>.yaml``, or an inline ``{name: ..., image: ...,
-    sequence: ...}``."""
+    sequence: ...}``; a network variant without ``click_labels`` gets the default ``ClickLabels()``."""
     if isinstance(variant, str):
         name, parts = variant, read_variant(variant, adapt_dir)
     else:
@@ -142,7 +148,9 @@ def variant_parts(variant: str | dict[str, Any], adapt_dir: str | Path) -> dict[
     built = {part: settings(PARTS[part], values, f"variant '{name}': {part}") for part, values in parts.items()}
     if "random_walker" in built and len(built) > 1:
         raise UserError(f"variant '{name}': a classical method does not adapt, zoom or augment "
-                        "(no image/sequence/zoom_in/tta with it)")
+                        "(no image/sequence/zoom_in/tta/click_labels with it)")
+    if "random_walker" not in built:
+        built.setdefault("click_labels", ClickLabels())
     return built
 
 

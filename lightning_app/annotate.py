@@ -153,12 +153,12 @@ class Annotator:
         self.module.mas_importance = importance
         self.initial = {n: p.detach().clone() for n, p in self.module.state_dict().items()}
         self.adapters: dict[str, Adapter | None] = {}
-        self.predictors: dict[str, tuple] = {}  # each mode's zoom-in and test-time augmentation, if its config sets them
+        self.predictors: dict[str, tuple] = {}  # each mode's zoom-in, test-time augmentation and click labels
         for m in MODES:  # all built now, so that each MAS anchor is the checkpoint's weights
             cb = variant_callback(f"{presets}/{m}" if presets else m, adapt_dir)
             self.adapters[m] = None if (cb.image is None and cb.sequence is None) else \
                 Adapter(self.module, cb.image, cb.sequence, importance)
-            self.predictors[m] = (cb.zoom_in, cb.tta)
+            self.predictors[m] = (cb.zoom_in, cb.tta, cb.click_labels)
         self.set_mode(mode)
         self.sizes: dict[int, tuple[int, int]] = {}
         self.store = CocoStore(out, self.images, self.sizes)
@@ -215,7 +215,7 @@ class Annotator:
             self.current = image_id
             self.session_mode = self.mode
             self.module.adapter = self.adapters[self.mode]
-            self.module.zoom_in, self.module.tta = self.predictors[self.mode]
+            self.module.zoom_in, self.module.tta, self.module.click_labels = self.predictors[self.mode]
             self.session = self.module.session(image_to_tensor(image)[None], defer=True)
             return self.state()
 

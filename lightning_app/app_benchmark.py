@@ -78,11 +78,12 @@ def app_benchmark(ckpt: str, data: dict[str, Any] = {"dataset": "synthetic", "do
                 for k in range(len(source)):
                     sample = source.get_sample(k)
                     client.post("/api/open", json={"image": k})
-                    pred = np.zeros_like(sample.mask)
+                    pred, made = np.zeros_like(sample.mask), []
                     for _ in range(clicks):
-                        c = next_click(pred, sample.mask, sample.ignore)
+                        c = next_click(pred, sample.mask, sample.ignore, made)
                         if c is None:
                             break
+                        made.append(c)
                         start = time.perf_counter()
                         r = client.post("/api/click", json={"x": c.x, "y": c.y, "positive": c.positive}).json()
                         wall.append(time.perf_counter() - start)

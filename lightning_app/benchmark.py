@@ -31,6 +31,7 @@ from modules.environment import environment
 from modules.errors import UserError
 from modules.interactive import EvaluationProtocol
 from modules.metrics import sequence_drift, summarize, threshold_key
+from modules.simulate import CLICKER
 
 ADAPT_DIR = Path(__file__).resolve().parents[1] / "configs" / "adapt"
 Variant = str | dict[str, Any]
@@ -119,7 +120,7 @@ def run_benchmark(
     importance = load_importance(ckpt, digest) if digest else None  # before the model: a stale file stops here
     module = load_module(ckpt)
     protocol = {"max_clicks": max_clicks, "iou_thresholds": list(iou_thresholds), "target_iou": target_iou,
-                "paper_thresholds": dict(paper_thresholds)}
+                "paper_thresholds": dict(paper_thresholds), "clicker": CLICKER}
     model = {"checkpoint": str(ckpt), "sha256_16": digest, "hparams": dict(module.hparams)}
     data_config = dict(data.hparams)
     datasets = data.test_datasets()

@@ -3,7 +3,7 @@ the per-object CSV, the mIoU and sequence plots, the rich table and a markdown t
 
 ``results.json``::
 
-    {"protocol": {"max_clicks", "iou_thresholds", "target_iou", "paper_thresholds"},
+    {"protocol": {"max_clicks", "iou_thresholds", "target_iou", "paper_thresholds", "clicker"},
      "model": {...}, "data": {...},
      "results": {DATASET: {VARIANT: {"noc", "noc_ci95", "failures", "miou_at_click", ...}}},
      "objects": {DATASET: {VARIANT: {"names": [...], "ious": [[...], ...]}}}}

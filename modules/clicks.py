@@ -45,6 +45,22 @@ def rows_to_clicks(rows: Sequence[Sequence[float]]) -> list[Click]:
     return [Click(int(y), int(x), lab > 0) for y, x, lab in rows if lab != 0]
 
 
+def label_clicked_pixels(prob: np.ndarray, clicks: Sequence[Click], radius: float) -> np.ndarray:
+    """The user's clicks as labels on a probability map ``(H, W)``: every pixel within ``radius``
+    px of a click takes the click's label (1 or 0), a later click over an earlier one; ``radius``
+    0 leaves ``prob`` as it is. A copy is returned."""
+    if radius <= 0 or not clicks:
+        return prob
+    prob = prob.copy()
+    h, w = prob.shape
+    r = int(np.floor(radius))
+    for c in clicks:
+        y0, y1, x0, x1 = max(0, c.y - r), min(h, c.y + r + 1), max(0, c.x - r), min(w, c.x + r + 1)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        prob[y0:y1, x0:x1][(yy - c.y) ** 2 + (xx - c.x) ** 2 <= radius ** 2] = float(c.positive)
+    return prob
+
+
 def scale_clicks(clicks: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> torch.Tensor:
     """Map click coordinates between resolutions (pixel centres stay centres)."""
     out = clicks.clone()

@@ -36,7 +36,7 @@ def evaluate_object(
     All clicks are made (no early stop) so that mIoU@k is defined for every k; NoC is read off
     the IoU curve, and ``user_clicks`` says where Algorithm 1's user, who stops at
     ``target_iou``, would have stopped. If a prediction is perfect, no error is left to click on
-    and the IoU is carried forward. ``initial`` clicks (paper B's three) are given together
+    and the IoU is carried forward; so it is when the only errors left are pixels clicked before. ``initial`` clicks (paper B's three) are given together
     first: they count as that many clicks, the IoU before the last of them is 0 (nothing is
     predicted yet), and corrective clicks follow.
     """
@@ -51,9 +51,9 @@ def evaluate_object(
         pred = first = session.click(*initial) > threshold
         ious = [0.0] * (len(initial) - 1) + [iou(pred, gt, ignore)]
     while len(ious) < max_clicks:
-        click = next_click(pred, gt, ignore)
+        click = next_click(pred, gt, ignore, session.clicks)
         if click is None:
-            ious.append(ious[-1])  # only reachable after a prediction: pred starts empty, gt is not
+            ious.append(ious[-1])  # no clickable error left (only after a prediction: pred starts empty, gt is not)
             continue
         pred = session.click(click) > threshold
         first = pred if not ious else first

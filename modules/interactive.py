@@ -161,6 +161,7 @@ class InteractiveSegmentationModule(pl.LightningModule):
         self.classical = None  # a classical method benchmarked in place of the network (modules.classical)
         self.zoom_in = None  # RITM's zoom-in at inference (modules.session.ZoomIn), set with the adapter
         self.tta = None  # test-time augmentation of predictions (modules.session.TestTimeAugmentation), likewise
+        self.click_labels = None  # the clicks as labels on the shown mask (modules.session.ClickLabels), likewise
         self.protocol = EvaluationProtocol(max_clicks=eval_max_clicks)  # the benchmark's, set by the benchmark
         self.train_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
         self.val_iou = BinaryJaccardIndex(ignore_index=IGNORE_INDEX)
@@ -349,12 +350,13 @@ class InteractiveSegmentationModule(pl.LightningModule):
     # -- evaluation at original resolution ---------------------------------------------------
     def session(self, image: torch.Tensor, defer: bool = False) -> InteractiveSession:
         """An interactive session on one image ``(1, 3, H, W)`` in [0, 1], adapting with
-        ``adapter``, zooming in with ``zoom_in`` and augmenting with ``tta`` when they are set (see
+        ``adapter``, zooming in with ``zoom_in``, augmenting with ``tta`` and labelling the clicked
+        pixels with ``click_labels`` when they are set (see
         :class:`~modules.session.InteractiveSession`); with ``classical`` set, that method's
         session instead."""
         if self.classical is not None:
             return ClassicalSession(self.classical, (image[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-        return InteractiveSession(self, image, self.adapter, defer, self.zoom_in, self.tta)
+        return InteractiveSession(self, image, self.adapter, defer, self.zoom_in, self.tta, self.click_labels)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> ObjectResult:
         """Click-by-click evaluation of one benchmark object (batch size 1); the image is

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules.clicks import Click, clicks_in_view, scale_clicks
+from modules.clicks import Click, clicks_in_view, label_clicked_pixels, scale_clicks
 from modules.errors import UserError
 
 if TYPE_CHECKING:
@@ -82,6 +82,23 @@ class TestTimeAugmentation:
         object.__setattr__(self, "scales", tuple(self.scales))
 
 
+@dataclass(frozen=True)
+class ClickLabels:
+    """The clicks as labels on the mask the user sees: every pixel within ``radius`` px (image
+    resolution) of a click takes its label, a later click over an earlier one
+    (:func:`~modules.clicks.label_clicked_pixels`); 0 shows the network's output alone. A user
+    who clicks a pixel has labelled it, and the mask says so even where the network's boundary
+    does not move by one pixel (at radius 1, the clicked pixel and its four neighbours). The
+    network's own prediction stays its previous-mask input and what adaptation reads.
+    """
+
+    radius: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.radius, bool) or not isinstance(self.radius, (int, float)) or not 0 <= self.radius <= 16:
+            raise UserError(f"click_labels: radius {self.radius!r}: expected a number of pixels in [0, 16]")
+
+
 def flip_clicks(clicks: torch.Tensor, width: int) -> torch.Tensor:
     """Clicks ``(..., N, 3)`` mirrored left-right in an image ``width`` px wide."""
     out = clicks.clone()
@@ -133,11 +150,15 @@ class InteractiveSession:
             thinking time and are in place for the next click).
         zoom_in: RITM's zoom-in (:class:`ZoomIn`), or ``None`` for the whole image always.
         tta: test-time augmentation of every prediction (:class:`TestTimeAugmentation`), or ``None``.
+        click_labels: the clicks as labels on the returned probabilities (:class:`ClickLabels`),
+            or ``None`` for the network's output alone.
     """
 
     def __init__(self, model: "InteractiveSegmentationModule", image: torch.Tensor, adapter: "Adapter | None" = None,
-                 defer: bool = False, zoom_in: ZoomIn | None = None, tta: TestTimeAugmentation | None = None):
+                 defer: bool = False, zoom_in: ZoomIn | None = None, tta: TestTimeAugmentation | None = None,
+                 click_labels: ClickLabels | None = None):
         self.model, self.adapter, self.defer, self.zoom_in, self.tta = model, adapter, defer, zoom_in, tta
+        self.click_labels = click_labels
         self.hw = tuple(image.shape[-2:])
         self.image = image.to(model.device)
         self.whole: Box = (0, self.hw[0], 0, self.hw[1])
@@ -315,7 +336,7 @@ class InteractiveSession:
         prob = logits.sigmoid()
         self.history.append(prob)
         self.views.append(self.view)
-        return self.full_resolution(prob, self.view)
+        return self.shown(-1)
 
     def augmented(self) -> torch.Tensor:
         """The latest click's logits averaged over the transformed inputs ``tta`` asks for
@@ -352,7 +373,15 @@ class InteractiveSession:
         full[y0:y1, x0:x1] = prob
         return full
 
+    def shown(self, i: int) -> np.ndarray:
+        """History entry ``i`` as the user sees it: at the image's ``(H, W)``, with the clicks
+        made until then as labels (``click_labels``)."""
+        prob = self.full_resolution(self.history[i], self.views[i])
+        if self.click_labels is None:
+            return prob
+        return label_clicked_pixels(prob, self.clicks[:self.counts[i]], self.click_labels.radius)
+
     @property
     def probability(self) -> np.ndarray | None:
-        """The latest probability ``(H, W)``, ``None`` before the first click."""
-        return self.full_resolution(self.history[-1], self.views[-1]) if self.history else None
+        """The latest probability ``(H, W)`` as the user sees it, ``None`` before the first click."""
+        return self.shown(-1) if self.history else None

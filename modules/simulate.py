@@ -5,10 +5,15 @@ stage (b), iterative clicks, reuses :func:`next_click` on the model's own predic
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import cv2
 import numpy as np
 
 from modules.clicks import Click
+
+CLICKER = "ritm-not-clicked"  # the test-time simulated user, recorded in every results file's protocol
+# (before 2026-11-25 it could click a pixel again; results written by it have no ``clicker``)
 
 
 def _inner_distance(mask: np.ndarray) -> np.ndarray:
@@ -18,14 +23,17 @@ def _inner_distance(mask: np.ndarray) -> np.ndarray:
     return dist[1:-1, 1:-1]
 
 
-def next_click(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None) -> Click | None:
+def next_click(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None,
+               clicked: Sequence[Click] = ()) -> Click | None:
     """The next corrective click for prediction ``pred`` against ground truth ``gt``.
 
     False negatives call for a positive click, false positives for a negative one. The click
     goes to the interior-most pixel (maximum of the distance transform) of the error region
     that reaches deepest, as in RITM's ``Clicker``; ties go to the first pixel in row-major
     order, so the simulator is deterministic. Pixels marked ``ignore`` are neither errors nor
-    clickable. Returns ``None`` when there is no error left.
+    clickable, and, as RITM's ``not_clicked_map`` does, neither are the pixels of the earlier
+    clicks ``clicked`` (the user does not click the same pixel twice). Returns ``None`` when no
+    clickable error is left.
     """
     pred = pred.astype(bool)
     gt = gt.astype(bool)
@@ -36,6 +44,10 @@ def next_click(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = Non
         return None
     fn_dist = _inner_distance(fn)
     fp_dist = _inner_distance(fp)
+    for c in clicked:
+        fn_dist[c.y, c.x] = fp_dist[c.y, c.x] = 0
+    if fn_dist.max() == 0 and fp_dist.max() == 0:
+        return None
     positive = fn_dist.max() > fp_dist.max()
     dist = fn_dist if positive else fp_dist
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)

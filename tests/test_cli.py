@@ -66,7 +66,7 @@ def test_benchmark_writes_results_and_resumes(tiny_ckpt, tmp_path, capsys):
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["protocol"] == {"max_clicks": 20, "iou_thresholds": [0.8, 0.85, 0.9], "target_iou": 0.9,
-                                   "paper_thresholds": {"fundus": 0.9, "rooftop": 0.8}}
+                                   "paper_thresholds": {"fundus": 0.9, "rooftop": 0.8}, "clicker": "ritm-not-clicked"}
     assert list(results["results"]) == ["source", "fundus", "rooftop"]
     for ds, variants in results["results"].items():
         r = variants["fixed"]
@@ -102,7 +102,8 @@ def test_a_variant_whose_settings_changed_runs_again(capsys):
     sa = {"name": "sa_photo", "sequence": {"inputs": "states", "lr": 1.0e-5}}
     spec = variant_spec(sa, adapt)
     assert spec["sequence"]["lr"] == 1.0e-5 and "gamma" in spec["sequence"]  # defaults resolved too
-    assert variant_spec("fixed", adapt) == {} and json.loads(json.dumps(spec)) == spec
+    assert variant_spec("fixed", adapt) == {"click_labels": {"radius": 1.0}} and json.loads(json.dumps(spec)) == spec
+    assert variant_spec({"name": "net", "click_labels": {"radius": 0}}, adapt) == {"click_labels": {"radius": 0}}
     results = {"results": {"grabcut": {"fixed": 1, "sa_photo": 2}}, "objects": {"grabcut": {"fixed": 1, "sa_photo": 2}}}
     assert forget_changed_variants(results, {"fixed": {}, "sa_photo": spec})  # results from before: recorded, nothing dropped
     assert "written before variant settings were recorded" in capsys.readouterr().out

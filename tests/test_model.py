@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -116,6 +117,34 @@ def test_zoom_in_session_crops_around_the_object_and_pastes_back():
     assert session.view == session.whole and back.shape == (120, 160) and len(session.clicks) == 1
     with pytest.raises(UserError, match="zoom_in"):
         ZoomIn(expansion_ratio=0.5)
+
+
+def test_clicked_pixels_take_their_labels_on_the_shown_mask_only():
+    from modules.clicks import Click, label_clicked_pixels
+    from modules.session import ClickLabels
+
+    prob = np.full((6, 7), 0.3)
+    assert label_clicked_pixels(prob, [Click(2, 3, True)], 0) is prob  # radius 0: the network's output
+    out = label_clicked_pixels(prob, [Click(2, 3, True), Click(2, 4, False), Click(0, 0, True)], 1)
+    assert out[2, 3] == 0 and out[2, 4] == 0 and out[1, 3] == 1 and out[2, 2] == 1  # a later click wins
+    assert out[1, 2] == 0.3 and out[0, 0] == 1 and out[1, 0] == 1 and prob[2, 3] == 0.3  # a disk, a copy
+    torch.manual_seed(0)
+    m = InteractiveSegmentationModule(aspp_channels=16, decoder_channels=16, eval_max_side=64, prev_mask=True).eval()
+    image = torch.rand(1, 3, 40, 50)
+    plain, labelled = m.session(image), m.session(image)
+    labelled.click_labels = ClickLabels(radius=1)
+    for c in (Click(20, 25, True), Click(5, 5, False)):
+        a, b = plain.click(c), labelled.click(c)
+    assert b[20, 25] == 1 and b[21, 25] == 1 and b[5, 5] == 0 and b[5, 6] == 0
+    far = np.ones_like(a, bool)
+    far[18:23, 23:28] = far[3:8, 3:8] = False
+    assert np.array_equal(a[far], b[far])  # elsewhere the network's probability
+    assert torch.equal(plain.history[-1], labelled.history[-1])  # the network's own prediction stays its next input
+    back, plain_back = labelled.undo(), plain.undo()
+    assert back[20, 25] == 1 and back[5, 5] == plain_back[5, 5] != 0  # the undone click's label goes with it
+    assert np.array_equal(back[far], plain_back[far]) and len(labelled.clicks) == 1
+    with pytest.raises(UserError, match="click_labels: radius"):
+        ClickLabels(radius=-1)
 
 
 def test_tta_averages_the_mirrored_and_rescaled_predictions():

@@ -82,3 +82,14 @@ def test_initial_clicks_respect_the_mask_and_strategies():
 def test_initial_clicks_on_empty_mask_fail_clearly():
     with pytest.raises(ValueError, match="empty mask"):
         sample_initial_clicks(np.zeros((8, 8), bool), np.random.default_rng(0))
+
+
+def test_pixels_clicked_before_are_not_clicked_again_as_in_ritm():
+    gt = square(20, 20, 5, 16, 3, 14)
+    first = next_click(np.zeros_like(gt), gt)
+    again = next_click(np.zeros_like(gt), gt, clicked=[first])
+    assert again != first and again.positive and gt[again.y, again.x]  # the next deepest pixel
+    dot = np.zeros((9, 9), bool)
+    dot[4, 4] = True  # the only error left is a pixel clicked before: the user has nothing to click
+    assert next_click(np.zeros_like(dot), dot) == Click(4, 4, True)
+    assert next_click(np.zeros_like(dot), dot, clicked=[Click(4, 4, True)]) is None
