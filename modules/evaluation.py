@@ -35,10 +35,11 @@ def evaluate_object(
 
     All clicks are made (no early stop) so that mIoU@k is defined for every k; NoC is read off
     the IoU curve, and ``user_clicks`` says where Algorithm 1's user, who stops at
-    ``target_iou``, would have stopped. If a prediction is perfect, no error is left to click on
-    and the IoU is carried forward; so it is when the only errors left are pixels clicked before. ``initial`` clicks (paper B's three) are given together
-    first: they count as that many clicks, the IoU before the last of them is 0 (nothing is
-    predicted yet), and corrective clicks follow.
+    ``target_iou``, would have stopped. If a prediction is perfect, or the only errors left are
+    pixels clicked before, no error is left to click on and the IoU is carried forward.
+    ``initial`` clicks (paper B's three) are given together first: they count as that many
+    clicks, the IoU before the last of them is 0 (nothing is predicted yet), and corrective
+    clicks follow.
     """
     gt = gt.astype(bool)
     if not gt.any():
