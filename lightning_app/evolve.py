@@ -299,7 +299,7 @@ def run_evolution(
 
     def evaluate(ckpt: str, names: list[str], folder: Path, label: str) -> None:
         row, objects = _evaluate(ckpt, {k: tests[k] for k in names}, folder, num_workers, min_area, max_clicks,
-                                 iou_thresholds, accelerator, wandb_project, group)
+                                 iou_thresholds, accelerator, wandb_project, group, fresh)
         results["table"][label], results["objects"][label] = row, objects
         report.write_results(out, results)
 
@@ -345,14 +345,15 @@ def run_evolution(
 
 
 def _evaluate(ckpt: str, tests: dict[str, Entry], folder: Path, num_workers: int, min_area: int | None, max_clicks: int,
-              iou_thresholds: list[float], accelerator: str, wandb_project: str, group: str) -> tuple[dict, dict]:
-    """Benchmark ``ckpt`` on each named test entry (resumable): the table's row and the
-    per-object 3-click IoUs."""
+              iou_thresholds: list[float], accelerator: str, wandb_project: str, group: str, fresh: bool
+              ) -> tuple[dict, dict]:
+    """Benchmark ``ckpt`` on each named test entry (resumable; with ``fresh``, results of another
+    protocol are moved aside): the table's row and the per-object 3-click IoUs."""
     entries = [dict(e) | {"name": n} for n, e in tests.items()]
     data = InteractiveDataModule(test=entries, num_workers=num_workers, min_area=min_area)
     bench = run_benchmark(ckpt, data, out_dir=str(folder / "eval"), variants=["fixed"], max_clicks=max_clicks,
-                          iou_thresholds=iou_thresholds, accelerator=accelerator, wandb_project=wandb_project,
-                          wandb_group=group)
+                          iou_thresholds=iou_thresholds, fresh=fresh, accelerator=accelerator,
+                          wandb_project=wandb_project, wandb_group=group)
     row, objects = {}, {}
     for name, variants in bench["results"].items():
         r = variants["fixed"]
