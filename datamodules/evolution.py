@@ -120,12 +120,16 @@ class PairedObjects(Dataset):
     """Training pairs of sec. 3.3: every new object (``b``, with ``pair_class`` the classifier's
     verdict, -1 for unknown) with an earlier object (``a``) of the same class when the class is
     known (drawn at random from the whole earlier pool: up to ``tries`` draws, the earlier
-    objects' classes read on demand), any earlier object otherwise."""
+    objects' classes read on demand), any earlier object otherwise. With ``stages`` (the earlier
+    stages' pseudo-labelled objects), each item also holds ``c``: one of them, drawn with each
+    earlier stage equally likely, so that a stage of 400 objects is replayed as often beside a
+    source pool of 20,000 as in the stage after it."""
 
-    def __init__(self, new: TrainObjects, pair_class: list[int], earlier: TrainObjects, tries: int = 32):
+    def __init__(self, new: TrainObjects, pair_class: list[int], earlier: TrainObjects, tries: int = 32,
+                 stages: list[TrainObjects] | None = None):
         if len(pair_class) != len(new):
             raise ValueError(f"{len(pair_class)} class verdicts for {len(new)} new objects")
-        self.new, self.earlier, self.tries = new, earlier, tries
+        self.new, self.earlier, self.tries, self.stages = new, earlier, tries, [s for s in stages or [] if len(s)]
         self.pair_class = [int(c) for c in pair_class]
 
     def __len__(self) -> int:
@@ -144,4 +148,8 @@ class PairedObjects(Dataset):
             else:
                 wanted = -1  # no earlier object of that class found: a class-agnostic pair (Eq. 8)
         b["pair_class"] = wanted
-        return {"a": self.earlier[j], "b": b}
+        item = {"a": self.earlier[j], "b": b}
+        if self.stages:
+            stage = self.stages[int(rng.integers(len(self.stages)))]
+            item["c"] = stage[int(rng.integers(len(stage)))]
+        return item

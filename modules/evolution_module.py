@@ -2,8 +2,9 @@
 
 It trains an :class:`InteractiveSegmentationModule` (the ``model``, from the previous stage's
 weights) on pairs: an object of the new dataset with its pseudo mask (``b``) and an object of
-the earlier data (``a``). Both go through the network in one batch, so that normalisation sees
-both domains together as at test time. The mask loss of both objects is the model's own
+the earlier data (``a``), and from the second stage on an object of an earlier stage with its
+pseudo mask (``c``, replayed at ``a``'s weight). All go through the network in one batch, so that
+normalisation sees the domains together as at test time. The mask loss of each object is the model's own
 (``InteractiveSegmentationModule.mask_loss``, the one it was trained with), the other terms are
 ``modules.evolution``'s; this class only wires them, and logs every term's magnitude at every step.
 """
@@ -89,26 +90,38 @@ class EvolutionModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         a, b = batch["a"], batch["b"]
+        c = batch.get("c")  # an earlier stage's object (``PairedObjects(stages=...)``), replayed as ``a`` is
         model, h = self.model, self.hparams
         n = len(a["image"])
         rng = np.random.default_rng([torch.initial_seed(), self.global_step])  # the step's jitter and clicks
-        both = {k: torch.cat([a[k], b[k]]) for k in ("image", "mask", "ignore", "clicks")}
+        parts = [a, b] + ([c] if c is not None else [])
+        both = {k: torch.cat([p[k] for p in parts]) for k in ("image", "mask", "ignore", "clicks")}
         clicks, prev = model.iterative_clicks(both, model.initial_clicks(both, rng), rng, late=h.corrective_clicks)
         if h.freeze_norm:  # after iterative_clicks, which puts the model back in training mode
             freeze_norm_statistics(model)
-        out = model.outputs(both["image"], clicks, prev)  # one batch: normalisation sees both domains
-        split = lambda t: (t[:n], t[n:])  # noqa: E731
-        (logits_a, logits_b), (valid_a, valid_b) = split(out["logits"]), split(~both["ignore"])
-        heads_a = {"binary": out["binary"][:n], "classes": out["classes"][:n]}
-        heads_b = {"binary": out["binary"][n:], "classes": out["classes"][n:]}
-        clicks_a, clicks_b = split(clicks)  # the model's own mask loss on both (the one it was trained with)
-        loss_a = model.mask_loss(logits_a, a["mask"], valid_a, clicks_a) + \
-            sum(aux_losses(heads_a, a["mask"], valid_a, a["class_id"]).values())
-        loss_b = model.mask_loss(logits_b, b["mask"], valid_b, clicks_b) + \
-            aux_losses(heads_b, b["mask"], valid_b, b["class_id"])["binary_bce"]
+        out = model.outputs(both["image"], clicks, prev)  # one batch: normalisation sees every domain together
+        part = lambda s: {k: out[k][s] for k in ("logits", "binary", "classes")}  # noqa: E731
+        valid, parts_out = ~both["ignore"], [part(slice(i * n, (i + 1) * n)) for i in range(len(parts))]
+        split = lambda t: (t[:n], t[n:2 * n])  # noqa: E731 (the pair, for Eq. 7-10)
+        valid_a, valid_b = split(valid)
+
+        def mask_loss(i: int, with_class: bool) -> torch.Tensor:
+            """The model's own mask loss on part ``i`` (the one it was trained with), plus the
+            binary predictor's BCE and, on data with true classes, the classifier's."""
+            s, o, p = slice(i * n, (i + 1) * n), parts_out[i], parts[i]
+            aux = aux_losses(o, p["mask"], valid[s], p["class_id"])
+            return model.mask_loss(o["logits"], p["mask"], valid[s], clicks[s]) + \
+                (aux["binary_bce"] + aux["class_ce"] if with_class else aux["binary_bce"])
+
+        heads_b = parts_out[1]
+        loss_a, loss_b = mask_loss(0, with_class=True), mask_loss(1, with_class=False)  # b: a pseudo mask, a verdict
+        loss_c = mask_loss(2, with_class=False) if c is not None else None
         weight = replay_weight(self._progress(), h.replay_final_weight)
         loss = weight * loss_a + loss_b
         logs = {"loss_a": loss_a, "loss_b": loss_b, "replay_weight": weight}
+        if loss_c is not None:
+            loss = loss + weight * loss_c
+            logs["loss_c"] = loss_c
         if h.feature_alignment:
             known = b["pair_class"] >= 0
             feats = out["features"] if h.alignment_features == "decoder" else out["deep"]

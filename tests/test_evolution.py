@@ -194,6 +194,12 @@ def test_pairs_take_an_earlier_object_of_the_judged_class():
         assert same["a"]["i"] in (1, 2) and same["b"]["pair_class"] == 2
         assert anyone["b"]["pair_class"] == -1
         assert missing["b"]["pair_class"] == -1  # no earlier object of class 7: a class-agnostic pair
+        assert "c" not in same  # no earlier stage: the pair alone
+    # earlier stages (here of 1 and 9 objects) are replayed equally often, whatever their size
+    staged = PairedObjects(Fake([0]), [-1], Fake([0, 1]), stages=[Fake([5]), Fake([5] * 9), Fake([])])
+    np.random.seed(0)
+    drawn = [staged[0]["c"]["i"] for _ in range(400)]
+    assert 150 < drawn.count(0) < 250 and set(drawn) <= set(range(9))  # index 0 of either stage: ~1/2 + 1/18
 
 
 # -- the sequence end to end -------------------------------------------------------------------
