@@ -73,8 +73,12 @@ class TestTimeAdaptation(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.adapter = Adapter(pl_module, self.image, self.sequence, pl_module.mas_importance, rank=trainer.global_rank,
                                reduce_gradients=average_across_ranks)
-        pl_module.adapter, pl_module.zoom_in, pl_module.tta = self.adapter, self.zoom_in, self.tta
-        pl_module.click_labels = self.click_labels
+        self.attach(pl_module, self.adapter)
+
+    def attach(self, module: pl.LightningModule, adapter: Adapter | None) -> None:
+        """Give ``module``'s sessions this variant: ``adapter`` (built on ``module``) and the
+        predictor's parts. The benchmark attaches in ``setup``; the annotation app per image."""
+        module.adapter, module.zoom_in, module.tta, module.click_labels = adapter, self.zoom_in, self.tta, self.click_labels
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module.adapter = pl_module.zoom_in = pl_module.tta = pl_module.click_labels = None

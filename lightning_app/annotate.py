@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pycocotools import mask as coco_mask
 
-from callbacks.adaptation import variant_callback
+from callbacks.adaptation import TestTimeAdaptation, variant_callback
 from datamodules.io import read_image
 from datamodules.objects import image_to_tensor
 from lightning_app.checkpoints import file_digest, load_module
@@ -153,12 +153,11 @@ class Annotator:
         self.module.mas_importance = importance
         self.initial = {n: p.detach().clone() for n, p in self.module.state_dict().items()}
         self.adapters: dict[str, Adapter | None] = {}
-        self.predictors: dict[str, tuple] = {}  # each mode's zoom-in, test-time augmentation and click labels
+        self.variants: dict[str, TestTimeAdaptation] = {}  # each mode's variant: adaptation settings and predictor
         for m in MODES:  # all built now, so that each MAS anchor is the checkpoint's weights
-            cb = variant_callback(f"{presets}/{m}" if presets else m, adapt_dir)
+            cb = self.variants[m] = variant_callback(f"{presets}/{m}" if presets else m, adapt_dir)
             self.adapters[m] = None if (cb.image is None and cb.sequence is None) else \
                 Adapter(self.module, cb.image, cb.sequence, importance)
-            self.predictors[m] = (cb.zoom_in, cb.tta, cb.click_labels)
         self.set_mode(mode)
         self.sizes: dict[int, tuple[int, int]] = {}
         self.store = CocoStore(out, self.images, self.sizes)
@@ -214,8 +213,7 @@ class Annotator:
             self._close(accepted=False)
             self.current = image_id
             self.session_mode = self.mode
-            self.module.adapter = self.adapters[self.mode]
-            self.module.zoom_in, self.module.tta, self.module.click_labels = self.predictors[self.mode]
+            self.variants[self.mode].attach(self.module, self.adapters[self.mode])
             self.session = self.module.session(image_to_tensor(image)[None], defer=True)
             return self.state()
 
