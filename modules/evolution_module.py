@@ -103,7 +103,6 @@ class EvolutionModule(pl.LightningModule):
         part = lambda s: {k: out[k][s] for k in ("logits", "binary", "classes")}  # noqa: E731
         valid, parts_out = ~both["ignore"], [part(slice(i * n, (i + 1) * n)) for i in range(len(parts))]
         split = lambda t: (t[:n], t[n:2 * n])  # noqa: E731 (the pair, for Eq. 7-10)
-        valid_a, valid_b = split(valid)
 
         def mask_loss(i: int, with_class: bool) -> torch.Tensor:
             """The model's own mask loss on part ``i`` (the one it was trained with), plus the
@@ -131,7 +130,7 @@ class EvolutionModule(pl.LightningModule):
             hw = feats_b.shape[-2:]
             down = lambda m: F.adaptive_avg_pool2d(m.float(), hw)[:, 0]  # noqa: E731 (area-weighted object mask)
             binary_b = torch.sigmoid(F.interpolate(heads_b["binary"], size=hw, mode="bilinear", align_corners=False))[:, 0]
-            global_term, pixel_term, present = feature_alignment_terms(feats_a, down(a["mask"] * valid_a), feats_b,
+            global_term, pixel_term, present = feature_alignment_terms(feats_a, down(a["mask"] * valid[:n]), feats_b,
                                                                        down(b["mask"]), binary_b)
             alignment = feature_alignment_loss(global_term, pixel_term, present, known, h.unknown_terms)
             squares = max_squares_loss(torch.sigmoid(heads_b["binary"])[:, 0], F.softmax(heads_b["classes"], dim=1), known)
