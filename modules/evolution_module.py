@@ -100,27 +100,25 @@ class EvolutionModule(pl.LightningModule):
         if h.freeze_norm:  # after iterative_clicks, which puts the model back in training mode
             freeze_norm_statistics(model)
         out = model.outputs(both["image"], clicks, prev)  # one batch: normalisation sees every domain together
-        part = lambda s: {k: out[k][s] for k in ("logits", "binary", "classes")}  # noqa: E731
-        valid, parts_out = ~both["ignore"], [part(slice(i * n, (i + 1) * n)) for i in range(len(parts))]
+        heads = lambda i: {k: out[k][i * n:(i + 1) * n] for k in ("binary", "classes")}  # noqa: E731 (part i's)
+        valid = ~both["ignore"]
         split = lambda t: (t[:n], t[n:2 * n])  # noqa: E731 (the pair, for Eq. 7-10)
 
         def mask_loss(i: int, with_class: bool) -> torch.Tensor:
             """The model's own mask loss on part ``i`` (the one it was trained with), plus the
             binary predictor's BCE and, on data with true classes, the classifier's."""
-            s, o, p = slice(i * n, (i + 1) * n), parts_out[i], parts[i]
-            aux = aux_losses(o, p["mask"], valid[s], p["class_id"])
-            return model.mask_loss(o["logits"], p["mask"], valid[s], clicks[s]) + \
+            s, p = slice(i * n, (i + 1) * n), parts[i]
+            aux = aux_losses(heads(i), p["mask"], valid[s], p["class_id"])
+            return model.mask_loss(out["logits"][s], p["mask"], valid[s], clicks[s]) + \
                 (aux["binary_bce"] + aux["class_ce"] if with_class else aux["binary_bce"])
 
-        heads_b = parts_out[1]
         loss_a, loss_b = mask_loss(0, with_class=True), mask_loss(1, with_class=False)  # b: a pseudo mask, a verdict
-        loss_c = mask_loss(2, with_class=False) if c is not None else None
         weight = replay_weight(self._progress(), h.replay_final_weight)
         loss = weight * loss_a + loss_b
         logs = {"loss_a": loss_a, "loss_b": loss_b, "replay_weight": weight}
-        if loss_c is not None:
+        if c is not None:  # an earlier stage's pseudo mask, at the replay's weight
+            logs["loss_c"] = loss_c = mask_loss(2, with_class=False)
             loss = loss + weight * loss_c
-            logs["loss_c"] = loss_c
         if h.feature_alignment:
             known = b["pair_class"] >= 0
             feats = out["features"] if h.alignment_features == "decoder" else out["deep"]
@@ -129,6 +127,7 @@ class EvolutionModule(pl.LightningModule):
             feats_a, feats_b = split(feats)
             hw = feats_b.shape[-2:]
             down = lambda m: F.adaptive_avg_pool2d(m.float(), hw)[:, 0]  # noqa: E731 (area-weighted object mask)
+            heads_b = heads(1)
             binary_b = torch.sigmoid(F.interpolate(heads_b["binary"], size=hw, mode="bilinear", align_corners=False))[:, 0]
             global_term, pixel_term, present = feature_alignment_terms(feats_a, down(a["mask"] * valid[:n]), feats_b,
                                                                        down(b["mask"]), binary_b)
