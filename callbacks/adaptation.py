@@ -165,6 +165,21 @@ def variant_spec(variant: str | dict[str, Any], adapt_dir: str | Path) -> dict[s
     return json.loads(json.dumps(spec))  # as a results file reads back (tuples as lists)
 
 
+def same_settings(recorded: dict[str, dict[str, Any]], spec: dict[str, dict[str, Any]]) -> bool:
+    """Whether a results file's record of a variant's settings (``variant_spec``) describes
+    ``spec``: a setting added to a part after the record was written matches its default."""
+    if recorded.keys() != spec.keys():
+        return False
+    for part, values in spec.items():
+        defaults = json.loads(json.dumps(asdict(PARTS[part]())))
+        old = recorded[part]
+        if not old.keys() <= values.keys():
+            return False
+        if any(v != (old[k] if k in old else defaults[k]) for k, v in values.items()):
+            return False
+    return True
+
+
 def variant_callback(variant: str | dict[str, Any], adapt_dir: str | Path) -> TestTimeAdaptation | ClassicalBaseline:
     """A fresh callback for a variant (see ``variant_parts``)."""
     built = variant_parts(variant, adapt_dir)

@@ -20,7 +20,7 @@ import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
-from callbacks.adaptation import variant_callback, variant_spec
+from callbacks.adaptation import same_settings, variant_callback, variant_spec
 from callbacks.benchmark import ClickRecorder, ObjectRecord
 from datamodules.datamodule import InteractiveDataModule
 from datamodules.registry import entry_identity
@@ -214,13 +214,13 @@ def forget_changed_variants(results: dict, specs: dict[str, dict]) -> bool:
               "(another --out_dir runs every variant again)")
     recorded, changed = results.setdefault("variants", {}), False
     for name, spec in specs.items():
-        if name in recorded and recorded[name] != spec:
+        if name in recorded and not same_settings(recorded[name], spec):
             print(f"{name}: its settings changed since it ran, running it again")
             for table in (results["results"], results["objects"]):
                 for per_dataset in table.values():
                     per_dataset.pop(name, None)
         changed = changed or recorded.get(name) != spec
-        recorded[name] = spec
+        recorded[name] = spec  # a setting added since is written down
     return changed
 
 

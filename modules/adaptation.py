@@ -198,6 +198,15 @@ class SequenceAdaptation:
         synchronize: under DDP, average the gradients of all ranks in every step (one sequence
             of weights learnt from every rank's images); otherwise each rank adapts along its
             own share of the sequence.
+        optimizer: ``adam`` (the paper's) or ``sgd``. Adam's step is invariant to the gradient's
+            scale: an image the model already segments moves the weights as far as one it
+            fails on. SGD's step is proportional to the gradient, so SA learns in proportion to
+            how wrong the model was (see :func:`sequence_optimizer`).
+        momentum: SGD's momentum (``sgd`` only).
+        average: the weights the images are predicted with: an exponential moving average of
+            SA's steps with this decay (0: SA's latest weights). SA's steps go on from its own
+            weights; the average keeps what the images share and damps what one image alone
+            says (see :func:`average_weights`).
     """
 
     lr: float = 1e-6
@@ -209,14 +218,34 @@ class SequenceAdaptation:
     states: int = 2
     seed: int = 0
     synchronize: bool = False
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = 0.0
+    average: float = 0.0
 
     def __post_init__(self):
         check(self.lr > 0, f"sequence.lr={self.lr}: expected a positive learning rate")
+        check(self.optimizer in ("adam", "sgd"), f"sequence.optimizer='{self.optimizer}': expected adam or sgd")
+        check(0 <= self.momentum < 1, f"sequence.momentum={self.momentum}: expected a value in [0, 1)")
+        check(self.momentum == 0 or self.optimizer == "sgd",
+              f"sequence.momentum={self.momentum}: only the sgd optimizer takes a momentum")
+        check(0 <= self.average < 1, f"sequence.average={self.average}: expected a decay in [0, 1)")
         check(0 <= self.lam <= 1, f"sequence.lam={self.lam}: expected a value in [0, 1]")
         check(self.gamma >= 0, f"sequence.gamma={self.gamma}: expected a value >= 0")
         check(0 < self.guidance_ratio <= 1, f"sequence.guidance_ratio={self.guidance_ratio}: expected a value in (0, 1]")
         check(self.inputs in ("guidance", "states"), f"sequence.inputs='{self.inputs}': expected guidance or states")
         check(self.states >= 1, f"sequence.states={self.states}: expected at least 1")
+
+
+def average_weights(average: dict[str, torch.Tensor], latest: dict[str, torch.Tensor], decay: float) -> dict[str, torch.Tensor]:
+    """An exponential moving average's update: ``decay * average + (1 - decay) * latest``."""
+    return {n: torch.lerp(latest[n], average[n], decay) for n in latest}
+
+
+def sequence_optimizer(params: Iterable[torch.Tensor], sa: SequenceAdaptation) -> torch.optim.Optimizer:
+    """SA's optimizer, kept for the whole sequence."""
+    if sa.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=sa.lr, momentum=sa.momentum)
+    return torch.optim.Adam(params, lr=sa.lr)
 
 
 def settings(cls, values: dict, where: str):
@@ -281,12 +310,13 @@ class Adapter:
                             "`python -m lightning_app importance --ckpt CKPT` (or set gamma: 0)")
         self.importance = {n: importance[n].to(p.device) for n, p in adapted.items()} if needs_importance else None
         self.checkpoint = snapshot(adapted)  # theta*: the weights the checkpoint came with
-        self.sa_optimizer = torch.optim.Adam(self.sa_params.values(), lr=sequence.lr) if sequence else None
+        self.sa_optimizer = sequence_optimizer(self.sa_params.values(), sequence) if sequence else None
         self.rng = np.random.default_rng([sequence.seed if sequence else 0, rank])
         self.rollbacks = 0
         self.ia_steps = 0
         self._click_start: dict[str, torch.Tensor] | None = None  # IA's weights before the latest click
-        self._sequence_before: dict[str, torch.Tensor] | None = None  # SA's weights before its latest step
+        self._sequence_before: tuple | None = None  # (weights shown, SA's own) before its latest step
+        self._sequence_own: dict[str, torch.Tensor] | None = None  # SA's own weights when the shown ones are an average
 
     # -- the session's calls ---------------------------------------------------------------------
     def begin(self, session: "InteractiveSession") -> None:
@@ -336,7 +366,10 @@ class Adapter:
         if not self.sequence or n == 0:  # nothing to learn from (an image left without accepting)
             return
         sa = self.sequence
-        self._sequence_before = snapshot(self.sa_params)
+        shown = snapshot(self.sa_params)
+        self._sequence_before = (shown, self._sequence_own)
+        if self._sequence_own is not None:
+            restore(self.sa_params, self._sequence_own)
         with torch.enable_grad():
             self.sa_optimizer.zero_grad(set_to_none=True)
             states = self._sa_states(session, n)
@@ -348,7 +381,10 @@ class Adapter:
                     prev = session.probability_after(after) if after is not None else False
                     loss = loss + adaptation_loss(session.logits(clicks=clicks[:, keep], prev=prev), clicks, previous, sa.lam)
             self._step(self.sa_optimizer, self.sa_params, loss / len(states), sa.gamma,
-                       self.checkpoint, self._sequence_before, reduce=sa.synchronize)
+                       self.checkpoint, shown if self._sequence_own is None else self._sequence_own, reduce=sa.synchronize)
+        if sa.average > 0:
+            self._sequence_own = snapshot(self.sa_params)
+            restore(self.sa_params, average_weights(shown, self._sequence_own, sa.average))
 
     def _sa_states(self, session: "InteractiveSession", n: int) -> list[tuple["Box", torch.Tensor, int | None]]:
         """The inputs of SA's step on the image's first ``n`` clicks, as (view, which clicks,
@@ -372,7 +408,8 @@ class Adapter:
             self.ia_optimizer.state.clear()
             self._click_start = None
         elif self._sequence_before is not None:
-            restore(self.sa_params, self._sequence_before)
+            restore(self.sa_params, self._sequence_before[0])
+            self._sequence_own = self._sequence_before[1]
             self.sa_optimizer.state.clear()
             self._sequence_before = None
             if self.image:

@@ -191,6 +191,57 @@ def test_sa_states_replays_the_inputs_the_network_had():
         SequenceAdaptation(inputs="everything")
 
 
+def test_sa_with_sgd_steps_in_proportion_to_the_gradient():
+    """``optimizer: sgd``: SA's step is ``-lr * grad`` of Eq. 4 on the image's clicks (Adam's
+    would be about ``lr`` on every weight whatever the gradient's size); a momentum needs sgd."""
+    m = small_module()
+    lr = 1e-2
+    m.adapter = Adapter(m, sequence=SequenceAdaptation(lr=lr, gamma=0.0, guidance_ratio=1.0, optimizer="sgd"))
+    session = m.session(IMAGE)
+    session.click(*CLICKS)
+    start = weights(m)
+    with torch.enable_grad():
+        clicks = session.net_clicks()
+        previous = (session.probability_after(len(CLICKS)) > 0.5).float()
+        m.zero_grad(set_to_none=True)
+        adaptation_loss(session.logits(clicks=clicks, prev=False), clicks, previous, 0.5).backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    session.finish()
+    after = weights(m)
+    assert max(float(g.abs().max()) for g in grads.values()) * lr > 1e-6, "the test needs a gradient"
+    for n, g in grads.items():
+        torch.testing.assert_close(after[n], start[n] - lr * g, rtol=1e-4, atol=1e-7)
+    assert all(torch.equal(after[n], start[n]) for n in start if n not in grads)
+    with pytest.raises(UserError, match="sequence.momentum=0.9: only the sgd optimizer"):
+        SequenceAdaptation(momentum=0.9)
+    with pytest.raises(UserError, match="sequence.optimizer='rmsprop'"):
+        SequenceAdaptation(optimizer="rmsprop")
+
+
+def test_sa_predicts_with_the_average_of_its_steps():
+    """``average``: the images are predicted with an exponential moving average of SA's weights;
+    SA's next step goes on from its own weights, not from the average."""
+    m = small_module()
+    start = weights(m)
+    m.adapter = adapter = Adapter(m, sequence=SequenceAdaptation(lr=1e-3, gamma=0.0, guidance_ratio=1.0, average=0.75))
+    shown = start
+    for _ in range(2):
+        own_before = adapter._sequence_own or start
+        session = m.session(IMAGE)
+        session.click(*CLICKS)
+        session.finish()
+        own = adapter._sequence_own
+        assert 0 < largest_change(own_before, own) <= 1.5e-3, "one Adam step from SA's own weights"
+        expected = {n: 0.75 * shown[n] + 0.25 * own[n] for n in own}
+        for n, w in weights(m).items():
+            torch.testing.assert_close(w, expected[n], rtol=1e-5, atol=1e-7)
+        shown = weights(m)
+    assert not same(start, shown)
+    with pytest.raises(UserError, match="sequence.average=1"):
+        SequenceAdaptation(average=1)
+
+
 def test_sa_replays_each_state_in_the_view_it_was_predicted_in():
     """With zoom-in the first clicks are predicted on the whole image and later ones on a crop:
     SA's step sees each replayed state as the network saw it, and the session's view is kept."""

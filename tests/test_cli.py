@@ -114,6 +114,16 @@ def test_a_variant_whose_settings_changed_runs_again(capsys):
     assert results["results"]["grabcut"] == {"fixed": 1} and results["objects"]["grabcut"] == {"fixed": 1}
     assert results["variants"]["sa_photo"] == faster
     assert "sa_photo: its settings changed since it ran, running it again" in capsys.readouterr().out
+    older = json.loads(json.dumps(faster))
+    del older["sequence"]["optimizer"]  # a record written before the setting existed
+    results["variants"]["sa_photo"] = older
+    results["results"]["grabcut"]["sa_photo"] = results["objects"]["grabcut"]["sa_photo"] = 3
+    assert forget_changed_variants(results, {"fixed": {}, "sa_photo": faster})  # recorded again, kept
+    assert results["results"]["grabcut"]["sa_photo"] == 3 and results["variants"]["sa_photo"] == faster
+    sgd = variant_spec({**sa, "sequence": {"inputs": "states", "lr": 1.0e-4, "optimizer": "sgd"}}, adapt)
+    results["variants"]["sa_photo"] = older
+    assert forget_changed_variants(results, {"fixed": {}, "sa_photo": sgd})  # not the default: runs again
+    assert "sa_photo" not in results["results"]["grabcut"]
 
 
 def test_a_dataset_whose_data_changed_runs_again(capsys):
