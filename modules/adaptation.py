@@ -203,10 +203,9 @@ class SequenceAdaptation:
             fails on. SGD's step is proportional to the gradient, so SA learns in proportion to
             how wrong the model was (see :func:`sequence_optimizer`).
         momentum: SGD's momentum (``sgd`` only).
-        average: the weights the images are predicted with: an exponential moving average of
-            SA's steps with this decay (0: SA's latest weights). SA's steps go on from its own
-            weights; the average keeps what the images share and damps what one image alone
-            says (see :func:`average_weights`).
+        min_clicks: SA steps only after an image its user needed at least this many clicks for
+            (1: every image, the paper's); an image the model already segments teaches it little
+            and, with Adam, still moves every weight by about ``lr``.
     """
 
     lr: float = 1e-6
@@ -220,7 +219,7 @@ class SequenceAdaptation:
     synchronize: bool = False
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = 0.0
-    average: float = 0.0
+    min_clicks: int = 1
 
     def __post_init__(self):
         check(self.lr > 0, f"sequence.lr={self.lr}: expected a positive learning rate")
@@ -228,17 +227,12 @@ class SequenceAdaptation:
         check(0 <= self.momentum < 1, f"sequence.momentum={self.momentum}: expected a value in [0, 1)")
         check(self.momentum == 0 or self.optimizer == "sgd",
               f"sequence.momentum={self.momentum}: only the sgd optimizer takes a momentum")
-        check(0 <= self.average < 1, f"sequence.average={self.average}: expected a decay in [0, 1)")
         check(0 <= self.lam <= 1, f"sequence.lam={self.lam}: expected a value in [0, 1]")
         check(self.gamma >= 0, f"sequence.gamma={self.gamma}: expected a value >= 0")
         check(0 < self.guidance_ratio <= 1, f"sequence.guidance_ratio={self.guidance_ratio}: expected a value in (0, 1]")
         check(self.inputs in ("guidance", "states"), f"sequence.inputs='{self.inputs}': expected guidance or states")
         check(self.states >= 1, f"sequence.states={self.states}: expected at least 1")
-
-
-def average_weights(average: dict[str, torch.Tensor], latest: dict[str, torch.Tensor], decay: float) -> dict[str, torch.Tensor]:
-    """An exponential moving average's update: ``decay * average + (1 - decay) * latest``."""
-    return {n: torch.lerp(latest[n], average[n], decay) for n in latest}
+        check(self.min_clicks >= 1, f"sequence.min_clicks={self.min_clicks}: expected at least 1")
 
 
 def sequence_optimizer(params: Iterable[torch.Tensor], sa: SequenceAdaptation) -> torch.optim.Optimizer:
@@ -315,8 +309,7 @@ class Adapter:
         self.rollbacks = 0
         self.ia_steps = 0
         self._click_start: dict[str, torch.Tensor] | None = None  # IA's weights before the latest click
-        self._sequence_before: tuple | None = None  # (weights shown, SA's own) before its latest step
-        self._sequence_own: dict[str, torch.Tensor] | None = None  # SA's own weights when the shown ones are an average
+        self._sequence_before: dict[str, torch.Tensor] | None = None  # SA's weights before its latest step
 
     # -- the session's calls ---------------------------------------------------------------------
     def begin(self, session: "InteractiveSession") -> None:
@@ -363,13 +356,10 @@ class Adapter:
         if self.image:
             restore(self.ia_params, self.image_start)
         n = len(session.clicks) if upto is None else min(upto, len(session.clicks))
-        if not self.sequence or n == 0:  # nothing to learn from (an image left without accepting)
+        if not self.sequence or n == 0 or n < self.sequence.min_clicks:  # nothing (or too little) to learn from
             return
         sa = self.sequence
-        shown = snapshot(self.sa_params)
-        self._sequence_before = (shown, self._sequence_own)
-        if self._sequence_own is not None:
-            restore(self.sa_params, self._sequence_own)
+        self._sequence_before = snapshot(self.sa_params)
         with torch.enable_grad():
             self.sa_optimizer.zero_grad(set_to_none=True)
             states = self._sa_states(session, n)
@@ -381,10 +371,7 @@ class Adapter:
                     prev = session.probability_after(after) if after is not None else False
                     loss = loss + adaptation_loss(session.logits(clicks=clicks[:, keep], prev=prev), clicks, previous, sa.lam)
             self._step(self.sa_optimizer, self.sa_params, loss / len(states), sa.gamma,
-                       self.checkpoint, shown if self._sequence_own is None else self._sequence_own, reduce=sa.synchronize)
-        if sa.average > 0:
-            self._sequence_own = snapshot(self.sa_params)
-            restore(self.sa_params, average_weights(shown, self._sequence_own, sa.average))
+                       self.checkpoint, self._sequence_before, reduce=sa.synchronize)
 
     def _sa_states(self, session: "InteractiveSession", n: int) -> list[tuple["Box", torch.Tensor, int | None]]:
         """The inputs of SA's step on the image's first ``n`` clicks, as (view, which clicks,
@@ -408,8 +395,7 @@ class Adapter:
             self.ia_optimizer.state.clear()
             self._click_start = None
         elif self._sequence_before is not None:
-            restore(self.sa_params, self._sequence_before[0])
-            self._sequence_own = self._sequence_before[1]
+            restore(self.sa_params, self._sequence_before)
             self.sa_optimizer.state.clear()
             self._sequence_before = None
             if self.image:

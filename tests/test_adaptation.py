@@ -219,27 +219,21 @@ def test_sa_with_sgd_steps_in_proportion_to_the_gradient():
         SequenceAdaptation(optimizer="rmsprop")
 
 
-def test_sa_predicts_with_the_average_of_its_steps():
-    """``average``: the images are predicted with an exponential moving average of SA's weights;
-    SA's next step goes on from its own weights, not from the average."""
+def test_sa_learns_only_from_images_that_needed_min_clicks():
+    """``min_clicks``: an image finished with fewer clicks leaves the weights as they were."""
     m = small_module()
+    m.adapter = Adapter(m, sequence=SequenceAdaptation(lr=1e-3, gamma=0.0, min_clicks=3))
     start = weights(m)
-    m.adapter = adapter = Adapter(m, sequence=SequenceAdaptation(lr=1e-3, gamma=0.0, guidance_ratio=1.0, average=0.75))
-    shown = start
-    for _ in range(2):
-        own_before = adapter._sequence_own or start
-        session = m.session(IMAGE)
-        session.click(*CLICKS)
-        session.finish()
-        own = adapter._sequence_own
-        assert 0 < largest_change(own_before, own) <= 1.5e-3, "one Adam step from SA's own weights"
-        expected = {n: 0.75 * shown[n] + 0.25 * own[n] for n in own}
-        for n, w in weights(m).items():
-            torch.testing.assert_close(w, expected[n], rtol=1e-5, atol=1e-7)
-        shown = weights(m)
-    assert not same(start, shown)
-    with pytest.raises(UserError, match="sequence.average=1"):
-        SequenceAdaptation(average=1)
+    session = m.session(IMAGE)
+    session.click(*CLICKS)
+    session.finish(upto=2)
+    assert same(start, weights(m))
+    session = m.session(IMAGE)
+    session.click(*CLICKS)
+    session.finish()
+    assert not same(start, weights(m))
+    with pytest.raises(UserError, match="sequence.min_clicks=0"):
+        SequenceAdaptation(min_clicks=0)
 
 
 def test_sa_replays_each_state_in_the_view_it_was_predicted_in():
