@@ -81,7 +81,7 @@ class TestTimeAdaptation(pl.Callback):
         module.adapter, module.zoom_in, module.tta, module.click_labels = adapter, self.zoom_in, self.tta, self.click_labels
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.adapter = pl_module.zoom_in = pl_module.tta = pl_module.click_labels = None
+        TestTimeAdaptation().attach(pl_module, None)  # the network alone again
 
 
 class ClassicalBaseline(pl.Callback):

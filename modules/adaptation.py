@@ -203,9 +203,6 @@ class SequenceAdaptation:
             fails on. SGD's step is proportional to the gradient, so SA learns in proportion to
             how wrong the model was (see :func:`sequence_optimizer`).
         momentum: SGD's momentum (``sgd`` only).
-        min_clicks: SA steps only after an image its user needed at least this many clicks for
-            (1: every image, the paper's); an image the model already segments teaches it little
-            and, with Adam, still moves every weight by about ``lr``.
     """
 
     lr: float = 1e-6
@@ -219,7 +216,6 @@ class SequenceAdaptation:
     synchronize: bool = False
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = 0.0
-    min_clicks: int = 1
 
     def __post_init__(self):
         check(self.lr > 0, f"sequence.lr={self.lr}: expected a positive learning rate")
@@ -232,7 +228,6 @@ class SequenceAdaptation:
         check(0 < self.guidance_ratio <= 1, f"sequence.guidance_ratio={self.guidance_ratio}: expected a value in (0, 1]")
         check(self.inputs in ("guidance", "states"), f"sequence.inputs='{self.inputs}': expected guidance or states")
         check(self.states >= 1, f"sequence.states={self.states}: expected at least 1")
-        check(self.min_clicks >= 1, f"sequence.min_clicks={self.min_clicks}: expected at least 1")
 
 
 def sequence_optimizer(params: Iterable[torch.Tensor], sa: SequenceAdaptation) -> torch.optim.Optimizer:
@@ -356,7 +351,7 @@ class Adapter:
         if self.image:
             restore(self.ia_params, self.image_start)
         n = len(session.clicks) if upto is None else min(upto, len(session.clicks))
-        if not self.sequence or n == 0 or n < self.sequence.min_clicks:  # nothing (or too little) to learn from
+        if not self.sequence or n == 0:  # nothing to learn from (an image left without accepting)
             return
         sa = self.sequence
         self._sequence_before = snapshot(self.sa_params)

@@ -23,7 +23,7 @@ from modules.adaptation import (Adapter, ImageAdaptation, SequenceAdaptation, ad
 from modules.clicks import Click
 from modules.errors import UserError
 from modules.interactive import EvaluationProtocol, InteractiveSegmentationModule
-from modules.session import ZoomIn
+from modules.session import ClickLabels, ZoomIn
 
 
 def small_module(prev_mask: bool = False) -> InteractiveSegmentationModule:
@@ -152,8 +152,9 @@ def test_ia_resets_per_image_sa_carries_over():
     run_test(m, [TestTimeAdaptation(image=ImageAdaptation(steps=2, lr=1e-3))])
     assert same(start, weights(m)), "IA must leave the starting weights untouched between images"
     m2 = small_module()
-    run_test(m2, [TestTimeAdaptation(sequence=SequenceAdaptation(lr=1e-3))])
+    run_test(m2, [TestTimeAdaptation(sequence=SequenceAdaptation(lr=1e-3), click_labels=ClickLabels())])
     assert not same(start, weights(m2)), "SA must change the weights"
+    assert m2.adapter is None and m2.click_labels is None, "after the test the module predicts alone again"
 
 
 def test_ia_sa_restores_the_image_start_before_the_sa_step():
@@ -217,23 +218,6 @@ def test_sa_with_sgd_steps_in_proportion_to_the_gradient():
         SequenceAdaptation(momentum=0.9)
     with pytest.raises(UserError, match="sequence.optimizer='rmsprop'"):
         SequenceAdaptation(optimizer="rmsprop")
-
-
-def test_sa_learns_only_from_images_that_needed_min_clicks():
-    """``min_clicks``: an image finished with fewer clicks leaves the weights as they were."""
-    m = small_module()
-    m.adapter = Adapter(m, sequence=SequenceAdaptation(lr=1e-3, gamma=0.0, min_clicks=3))
-    start = weights(m)
-    session = m.session(IMAGE)
-    session.click(*CLICKS)
-    session.finish(upto=2)
-    assert same(start, weights(m))
-    session = m.session(IMAGE)
-    session.click(*CLICKS)
-    session.finish()
-    assert not same(start, weights(m))
-    with pytest.raises(UserError, match="sequence.min_clicks=0"):
-        SequenceAdaptation(min_clicks=0)
 
 
 def test_sa_replays_each_state_in_the_view_it_was_predicted_in():
