@@ -199,10 +199,9 @@ class SequenceAdaptation:
             of weights learnt from every rank's images); otherwise each rank adapts along its
             own share of the sequence.
         optimizer: ``adam`` (the paper's) or ``sgd``. Adam's step is invariant to the gradient's
-            scale: an image the model already segments moves the weights as far as one it
-            fails on. SGD's step is proportional to the gradient, so SA learns in proportion to
-            how wrong the model was (see :func:`sequence_optimizer`).
-        momentum: SGD's momentum (``sgd`` only).
+            scale: an image the model already segments moves the weights about as far as one it
+            fails on; SGD's step is the gradient's (``configs/adapt/sa_sgd.yaml``: the tuning
+            data's choice against in-domain drift).
     """
 
     lr: float = 1e-6
@@ -215,14 +214,10 @@ class SequenceAdaptation:
     seed: int = 0
     synchronize: bool = False
     optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = 0.0
 
     def __post_init__(self):
         check(self.lr > 0, f"sequence.lr={self.lr}: expected a positive learning rate")
         check(self.optimizer in ("adam", "sgd"), f"sequence.optimizer='{self.optimizer}': expected adam or sgd")
-        check(0 <= self.momentum < 1, f"sequence.momentum={self.momentum}: expected a value in [0, 1)")
-        check(self.momentum == 0 or self.optimizer == "sgd",
-              f"sequence.momentum={self.momentum}: only the sgd optimizer takes a momentum")
         check(0 <= self.lam <= 1, f"sequence.lam={self.lam}: expected a value in [0, 1]")
         check(self.gamma >= 0, f"sequence.gamma={self.gamma}: expected a value >= 0")
         check(0 < self.guidance_ratio <= 1, f"sequence.guidance_ratio={self.guidance_ratio}: expected a value in (0, 1]")
@@ -233,7 +228,7 @@ class SequenceAdaptation:
 def sequence_optimizer(params: Iterable[torch.Tensor], sa: SequenceAdaptation) -> torch.optim.Optimizer:
     """SA's optimizer, kept for the whole sequence."""
     if sa.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=sa.lr, momentum=sa.momentum)
+        return torch.optim.SGD(params, lr=sa.lr)
     return torch.optim.Adam(params, lr=sa.lr)
 
 

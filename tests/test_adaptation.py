@@ -194,7 +194,7 @@ def test_sa_states_replays_the_inputs_the_network_had():
 
 def test_sa_with_sgd_steps_in_proportion_to_the_gradient():
     """``optimizer: sgd``: SA's step is ``-lr * grad`` of Eq. 4 on the image's clicks (Adam's
-    would be about ``lr`` on every weight whatever the gradient's size); a momentum needs sgd."""
+    would be about ``lr`` on every weight whatever the gradient's size)."""
     m = small_module()
     lr = 1e-2
     m.adapter = Adapter(m, sequence=SequenceAdaptation(lr=lr, gamma=0.0, guidance_ratio=1.0, optimizer="sgd"))
@@ -214,8 +214,6 @@ def test_sa_with_sgd_steps_in_proportion_to_the_gradient():
     for n, g in grads.items():
         torch.testing.assert_close(after[n], start[n] - lr * g, rtol=1e-4, atol=1e-7)
     assert all(torch.equal(after[n], start[n]) for n in start if n not in grads)
-    with pytest.raises(UserError, match="sequence.momentum=0.9: only the sgd optimizer"):
-        SequenceAdaptation(momentum=0.9)
     with pytest.raises(UserError, match="sequence.optimizer='rmsprop'"):
         SequenceAdaptation(optimizer="rmsprop")
 
