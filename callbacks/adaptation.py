@@ -161,8 +161,12 @@ def variant_parts(variant: str | dict[str, Any], adapt_dir: str | Path) -> dict[
 def variant_spec(variant: str | dict[str, Any], adapt_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Every setting a variant runs with, resolved (defaults included) as plain data: what a
     results file records, so that a variant whose settings changed is not mistaken for its old run."""
-    spec = {part: asdict(obj) for part, obj in variant_parts(variant, adapt_dir).items()}
-    return json.loads(json.dumps(spec))  # as a results file reads back (tuples as lists)
+    return as_read_back({part: asdict(obj) for part, obj in variant_parts(variant, adapt_dir).items()})
+
+
+def as_read_back(settings_data: Any) -> Any:
+    """Settings as a results file reads them back (tuples as lists)."""
+    return json.loads(json.dumps(settings_data))
 
 
 def same_settings(recorded: dict[str, dict[str, Any]], spec: dict[str, dict[str, Any]]) -> bool:
@@ -171,7 +175,7 @@ def same_settings(recorded: dict[str, dict[str, Any]], spec: dict[str, dict[str,
     if recorded.keys() != spec.keys():
         return False
     for part, values in spec.items():
-        defaults = json.loads(json.dumps(asdict(PARTS[part]())))
+        defaults = as_read_back(asdict(PARTS[part]()))
         old = recorded[part]
         if not old.keys() <= values.keys():
             return False

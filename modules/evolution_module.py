@@ -100,14 +100,15 @@ class EvolutionModule(pl.LightningModule):
         if h.freeze_norm:  # after iterative_clicks, which puts the model back in training mode
             freeze_norm_statistics(model)
         out = model.outputs(both["image"], clicks, prev)  # one batch: normalisation sees every domain together
-        heads = lambda i: {k: out[k][i * n:(i + 1) * n] for k in ("binary", "classes")}  # noqa: E731 (part i's)
+        rows = lambda i: slice(i * n, (i + 1) * n)  # noqa: E731 (part i's rows of the batch)
+        heads = lambda i: {k: out[k][rows(i)] for k in ("binary", "classes")}  # noqa: E731
         valid = ~both["ignore"]
         split = lambda t: (t[:n], t[n:2 * n])  # noqa: E731 (the pair, for Eq. 7-10)
 
         def mask_loss(i: int, with_class: bool) -> torch.Tensor:
             """The model's own mask loss on part ``i`` (the one it was trained with), plus the
             binary predictor's BCE and, on data with true classes, the classifier's."""
-            s, p = slice(i * n, (i + 1) * n), parts[i]
+            s, p = rows(i), parts[i]
             aux = aux_losses(heads(i), p["mask"], valid[s], p["class_id"])
             return model.mask_loss(out["logits"][s], p["mask"], valid[s], clicks[s]) + \
                 (aux["binary_bce"] + aux["class_ce"] if with_class else aux["binary_bce"])
